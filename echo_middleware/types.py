@@ -208,3 +208,40 @@ class Decision(BaseModel):
     queue_wait_s: float = 0.0
     stage_s: dict[str, float] = Field(default_factory=dict)
     fallback: str | None = None
+
+
+class EchoRequest(BaseModel):
+    """One request to the pipeline, as every front door (LangChain, LlamaIndex, HTTP, CLI) builds it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(default_factory=new_request_id)
+    messages: list[Message] = Field(min_length=1, description="The conversation; the last turn is answered.")
+    tenant: str | None = Field(None, description="Whose examples to use and feed; None: the configured default.")
+    slo: SLO | None = Field(None, description="Latency objective and priority class.")
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    offload: OffloadMode = Field("auto", description="auto: the router decides; never / always: forced.")
+    requires_large: bool = Field(
+        False, description="The request needs the large model (tools, structured output): never offloaded."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class EchoResult(BaseModel):
+    """The pipeline's answer: text, token usage and the decision that explains it."""
+
+    request_id: str
+    text: str
+    finish_reason: FinishReason = "stop"
+    usage: Usage = Field(default_factory=Usage)
+    decision: Decision
+
+
+class EchoChunk(BaseModel):
+    """A piece of a streamed pipeline answer; the last one carries finish_reason, usage and the decision."""
+
+    request_id: str
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    decision: Decision | None = None

@@ -90,8 +90,13 @@ class Engine(abc.ABC):
             began = time.monotonic()
             await self._start()
             self._started = True
-            logger.info("engine %s (%s, %s) started in %.1f s", self.name, self.kind, self.model,
-                        time.monotonic() - began)
+            logger.info(
+                "engine %s (%s, %s) started in %.1f s",
+                self.name,
+                self.kind,
+                self.model,
+                time.monotonic() - began,
+            )
 
     async def close(self) -> None:
         """Cancel what is in flight and release the model or connection."""
@@ -138,8 +143,7 @@ class Engine(abc.ABC):
         try:
             detail = await self._health()
         except Exception as exc:  # a health check reports, it does not raise
-            return EngineHealth(ok=False, detail=f"{type(exc).__name__}: {exc}",
-                                latency_s=time.monotonic() - began)
+            return EngineHealth(ok=False, detail=f"{type(exc).__name__}: {exc}", latency_s=time.monotonic() - began)
         return EngineHealth(ok=True, detail=detail, latency_s=time.monotonic() - began)
 
     async def generate(self, request: EngineRequest) -> Generation:
@@ -153,7 +157,8 @@ class Engine(abc.ABC):
                 first = time.monotonic()
             parts.append(delta.text)
             last = delta
-        assert last is not None  # stream always ends with a final delta
+        if last is None:  # _stream broke its contract: a stream always ends with a final delta
+            raise EngineError(f"{self.name} returned an empty stream for {request.request_id}")
         return Generation(
             request_id=request.request_id,
             text="".join(parts),
@@ -251,8 +256,7 @@ class Engine(abc.ABC):
                     return
                 except TimeoutError:
                     raise EngineTimeout(
-                        f"{self.name}: request {request.request_id} passed its deadline or timeout "
-                        f"({limit:.1f} s)"
+                        f"{self.name}: request {request.request_id} passed its deadline or timeout ({limit:.1f} s)"
                     ) from None
                 yield delta
         finally:
@@ -281,7 +285,7 @@ class Engine(abc.ABC):
     async def _abort(self, request_id: str) -> None:
         """Stop generating ``request_id`` in the backend (free its KV, close its stream)."""
 
-    async def _close(self) -> None:
+    async def _close(self) -> None:  # noqa: B027  (optional hook: most engines have nothing to release)
         """Release resources."""
 
     async def _health(self) -> str:
