@@ -81,7 +81,7 @@ class EngineConfig(_Section):
     refused flag is an error instead.
     """
 
-    backend: EngineBackend = "auto"
+    backend: EngineBackend = Field("auto", description="auto: in-process vLLM if installed, else transformers.")
     model: str = Field(description="Bundled model name, a model folder, or (backend=openai) the served name.")
     dtype: DType = Field("auto", description="auto: float32 on CPU (3x faster than bf16 on AVX2), bf16 on GPU.")
     speculative: SpeculativeOptions = Field(default_factory=SpeculativeOptions)
