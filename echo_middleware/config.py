@@ -27,6 +27,8 @@ EngineBackend = Literal["auto", "vllm", "openai", "transformers"]
 SpeculativeMethod = Literal["off", "ngram", "draft"]
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+DEFAULT_LARGE_MODEL = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_SMALL_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
 def default_models_dir() -> Path:
@@ -188,11 +190,11 @@ class EchoSettings(BaseSettings):
 
     models_dir: Path = Field(default_factory=default_models_dir, description="Where bundled models live.")
     large: EngineConfig = Field(
-        default_factory=lambda: EngineConfig(model="qwen2.5-coder-1.5b-instruct"),
+        default_factory=lambda: EngineConfig(model=DEFAULT_LARGE_MODEL),
         description="The large model: quality reference and fallback.",
     )
     small: EngineConfig = Field(
-        default_factory=lambda: EngineConfig(model="qwen2.5-coder-0.5b-instruct"),
+        default_factory=lambda: EngineConfig(model=DEFAULT_SMALL_MODEL),
         description="The small local model that answers offloaded requests with examples.",
     )
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -202,6 +204,21 @@ class EchoSettings(BaseSettings):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     learn: LearnConfig = Field(default_factory=LearnConfig)
     tenant: str = Field("default", description="Tenant used when a request names none.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_engine_models(cls, data: Any) -> Any:
+        """``ECHO_SMALL__DTYPE=float32`` alone must keep the small model's default name, not demand a new one.
+
+        A section given as a dict (from arguments or nested env vars) replaces the default section whole, so
+        without this ``model`` would be required whenever any other field of ``large`` / ``small`` is set.
+        """
+        if isinstance(data, dict):
+            for section, model in (("large", DEFAULT_LARGE_MODEL), ("small", DEFAULT_SMALL_MODEL)):
+                value = data.get(section)
+                if isinstance(value, dict) and "model" not in value:
+                    data = {**data, section: {**value, "model": model}}
+        return data
 
 
 def build_settings(**overrides: Any) -> EchoSettings:
