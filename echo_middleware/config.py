@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from echo_middleware.errors import ConfigError
+from echo_middleware.types import PriorityClass
 
 APP_NAME = "echo-middleware"
 
@@ -163,6 +164,24 @@ class RouteConfig(_Section):
     offload_without_examples: bool = Field(False, description="Offload even with no usable example.")
 
 
+SpeculationMode = Literal["always", "unless_saturated", "never"]
+"""Per priority class: speculate always, only while the engine has room, or never."""
+
+
+class SpeculationConfig(_Section):
+    """SLO-aware speculation (AdaServe): how much speculative decoding each priority class gets.
+
+    Speculation lowers the latency of one request but costs verification work; when the engine is saturated that
+    work is better spent on throughput, so batch traffic gives it up first.
+    """
+
+    interactive: SpeculationMode = Field("always", description="Interactive requests.")
+    standard: SpeculationMode = Field("unless_saturated", description="Requests without a class.")
+    batch: SpeculationMode = Field("never", description="Batch requests.")
+    saturation: float = Field(1.0, gt=0, le=100, description="Engine utilisation (in flight / slots) = saturated.")
+    num_tokens: int | None = Field(None, ge=1, le=16, description="Tokens per step; None: the engine's setting.")
+
+
 class ScheduleConfig(_Section):
     """The per-engine scheduler in front of each engine (SSJF + AdaServe)."""
 
@@ -171,6 +190,51 @@ class ScheduleConfig(_Section):
     max_queue: int = Field(1024, ge=1, description="Requests waiting per engine before back-pressure.")
     on_full: Literal["wait", "reject"] = Field("wait", description="Queue full: wait for room or raise.")
     max_concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight per engine.")
+    max_wait_s: float | None = Field(
+        None, gt=0, description="Hard bound: a request waiting this long is served next (None: aging alone)."
+    )
+    queue_timeout_s: float | None = Field(
+        None, gt=0, description="A request still queued after this long fails with EngineTimeout (None: never)."
+    )
+    class_delay_s: dict[PriorityClass, float] = Field(
+        default_factory=lambda: {"interactive": -20.0, "standard": 0.0, "batch": 60.0},
+        description="Seconds added to a request's rank per priority class (negative: served sooner).",
+    )
+    default_tokens_per_s: float = Field(
+        20.0, gt=0, description="Decode speed assumed for latency deadlines until the engine has measured one."
+    )
+    slo_deadline_factor: float | None = Field(
+        None, gt=0, description="Cancel a request after this many times its SLO latency_s (None: SLOs never cancel)."
+    )
+    engine_priority: bool = Field(True, description="Hand the queue order down as EngineRequest.priority.")
+    hedge_delay_s: float = Field(0.0, ge=0, description="hedge(): seconds before the second engine is started.")
+    metrics_window: int = Field(10_000, ge=10, description="Recent requests kept per class for percentiles.")
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        missing = {"interactive", "standard", "batch"} - set(self.class_delay_s)
+        if missing:
+            raise ValueError(
+                f"schedule.class_delay_s={self.class_delay_s!r} lacks {sorted(missing)}: give a delay in seconds "
+                "for each of interactive, standard and batch."
+            )
+        return self
+
+
+class PredictConfig(_Section):
+    """The output-length predictor (SSJF): neighbours' answer lengths combined with an online ridge regressor."""
+
+    neighbours: int = Field(8, ge=0, le=200, description="Nearest retrieved examples whose lengths are used.")
+    max_distance: float = Field(0.6, gt=0, le=2, description="Cosine distance beyond which a neighbour is ignored.")
+    distance_scale: float = Field(0.1, gt=0, le=2, description="Neighbour weight is exp(-distance / scale).")
+    ridge: float = Field(1.0, gt=0, le=1e6, description="L2 penalty of the regressor (larger: smoother).")
+    use_embedding: bool = Field(True, description="Use the request embedding as regressor features.")
+    min_observations: int = Field(20, ge=1, description="Observations before the regressor is trusted.")
+    refit_every: int = Field(16, ge=1, description="Observations between refits of the regressor.")
+    forgetting: float = Field(1.0, gt=0.9, le=1.0, description="Weight kept by old observations per new one.")
+    default_tokens: float = Field(128.0, gt=0, description="Prediction before anything was observed.")
+    model_path: Path | None = Field(None, description="Where the predictor's state is saved and loaded.")
 
 
 class LearnConfig(_Section):
@@ -202,6 +266,7 @@ class EchoSettings(BaseSettings):
     rank: RankConfig = Field(default_factory=RankConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     learn: LearnConfig = Field(default_factory=LearnConfig)
     tenant: str = Field("default", description="Tenant used when a request names none.")
 
