@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 from echo_middleware.config import EngineConfig
 from echo_middleware.engines.base import Engine
 from echo_middleware.errors import (
-    Cancelled,
     ConfigError,
     EngineError,
     EngineUnavailable,
@@ -170,6 +169,8 @@ class _Job:
     granted: bool = False
     handed_off: bool = False
     aborted: bool = False
+    stop_reason: str | None = None
+    """Why ``stop`` was set: ``stop_string`` or ``aborted`` (cancel, deadline, consumer gone)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class FinishedJob:
     completion_tokens: int
     max_new_tokens: int
     outcome: str
-    """``eos``, ``length``, ``stop_string``, ``aborted`` or ``error``."""
+    """``eos``, ``length``, ``stop_string``, ``aborted``, ``error`` (or ``stop``: ended by transformers itself)."""
 
 
 class _Streamer:
@@ -217,6 +218,7 @@ class _StopCriteria:
         self._prompt_len = prompt_len
         self._decode = decode
         self._window = max((len(s) for s in self._stops), default=0) + STOP_WINDOW_TOKENS
+        self.matched = False
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         import torch
@@ -226,7 +228,7 @@ class _StopCriteria:
             length = input_ids.shape[1]
             if length > self._prompt_len:
                 tail = self._decode(input_ids[0, max(self._prompt_len, length - self._window) :].tolist())
-                done = any(s in tail for s in self._stops)
+                done = self.matched = any(s in tail for s in self._stops)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -568,7 +570,7 @@ class TransformersEngine(Engine):
             max_new = min(request.params.max_tokens, window - len(prompt_ids))
             await self._acquire(job)
             if job.stop.is_set():
-                raise Cancelled(f"request {rid} cancelled while waiting on {self.name}")
+                return  # aborted while waiting: the base class raises Cancelled with the reason
             if self._executor is None:
                 raise EngineUnavailable(f"engine {self.name} is closing")
             loop = asyncio.get_running_loop()
@@ -584,16 +586,17 @@ class TransformersEngine(Engine):
                     text = trimmer.feed(payload)
                     if text:
                         yield StreamDelta(request_id=rid, text=text)
-                    if trimmer.hit is not None:
+                    if trimmer.hit is not None and not job.stop.is_set():
+                        job.stop_reason = "stop_string"
                         job.stop.set()  # end generation now; wait for the worker's count of tokens
                 elif kind == "done":
                     result = payload
                 elif kind == "abort":
-                    raise Cancelled(f"request {rid} cancelled on {self.name}")
+                    return  # the base class raises Cancelled with the reason
                 else:
                     raise EngineError(f"{self.name}: generation of {rid} failed: {payload}") from payload
             if job.aborted:
-                raise Cancelled(f"request {rid} cancelled on {self.name}")
+                return
             tail = trimmer.flush()
             completion, ended_on_eos = result
             finish: FinishReason
@@ -610,7 +613,9 @@ class TransformersEngine(Engine):
                 usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
             )
         finally:
-            job.stop.set()  # the consumer is gone or done: the worker ends at its next step
+            if not job.stop.is_set():  # the consumer is gone or done: the worker ends at its next step
+                job.stop_reason = job.stop_reason or "aborted"
+                job.stop.set()
             if job.granted and not job.handed_off:
                 self._release()
             if self._jobs.get(rid) is job:
@@ -621,7 +626,9 @@ class TransformersEngine(Engine):
         if job is None:
             return
         job.aborted = True
-        job.stop.set()
+        if not job.stop.is_set():
+            job.stop_reason = "aborted"
+            job.stop.set()
         job.turn.set()  # wake it if it waits for the slot
         job.queue.put_nowait(("abort", None))  # wake it if it waits for text
 
@@ -670,6 +677,7 @@ class TransformersEngine(Engine):
             kwargs: dict[str, Any] = {}
             if self._assistant is not None:
                 kwargs["assistant_model"] = self._assistant
+            criteria = _StopCriteria(job.stop, params.stop, len(prompt_ids), self._decode)
             with torch.inference_mode():
                 if params.seed is not None and params.temperature > 0:
                     torch.manual_seed(params.seed)  # global RNG: safe, one generation runs at a time
@@ -679,22 +687,21 @@ class TransformersEngine(Engine):
                     attention_mask=torch.ones_like(input_ids),
                     generation_config=self._generation_config(params, max_new),
                     streamer=_Streamer(decoder, emit),
-                    stopping_criteria=[_StopCriteria(job.stop, params.stop, len(prompt_ids), self._decode)],
+                    stopping_criteria=[criteria],
                     **kwargs,
                 )
             new = output[0, len(prompt_ids) :].tolist()
             completion = len(new)
             ended_on_eos = bool(new) and new[-1] in self._eos_ids
-            if job.aborted:
-                outcome = "aborted"
-            elif job.stop.is_set():
+            if job.stop.is_set():
+                outcome = job.stop_reason or "aborted"
+            elif criteria.matched:
                 outcome = "stop_string"
             else:
-                outcome = "eos" if ended_on_eos else "length" if completion >= max_new else "stop_string"
+                outcome = "eos" if ended_on_eos else "length" if completion >= max_new else "stop"
             emit("done", (completion, ended_on_eos))
-        except BaseException as exc:
+        except Exception as exc:  # handed to the stream, which raises EngineError from it
             emit("error", exc)
-            raise
         finally:
             self.finished.append(FinishedJob(rid, completion, max_new, outcome))
             logger.debug("%s: %s generated %d tokens (%s)", self.name, rid, completion, outcome)
