@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from echo_middleware._sync import background_loop, iterate_sync, run_sync
 from echo_middleware.engines.base import Engine
 from echo_middleware.engines.transformers import StopTrimmer
-from echo_middleware.errors import ConfigError, EngineTimeout
+from echo_middleware.errors import ConfigError, EchoError, EngineError, EngineTimeout, EngineUnavailable
 from echo_middleware.types import (
     SLO,
     EchoChunk,
@@ -425,6 +425,27 @@ class Piece:
     finish_reason: FinishReason | None = None
 
 
+TRANSIENT_NAMES = ("Connection", "RateLimit", "Unavailable", "InternalServer", "Overloaded", "APIStatus", "Network")
+"""Parts of exception class names (openai, anthropic, httpx, requests...) that mark a transient failure."""
+
+
+def wrap_model_error(engine: str, exc: BaseException) -> BaseException:
+    """A wrapped model's exception as our error tree, so the pipeline's retry and fallback rules apply.
+
+    Timeouts become :class:`EngineTimeout`, connection / rate-limit / server-side errors :class:`EngineUnavailable`
+    (both transient), anything else :class:`EngineError`; our own errors pass unchanged.
+    """
+    if isinstance(exc, EchoError):
+        return exc
+    kind = type(exc).__name__
+    message = f"{engine}: the wrapped model failed: {kind}: {exc}"
+    if "Timeout" in kind or isinstance(exc, TimeoutError):
+        return EngineTimeout(message)
+    if any(part in kind for part in TRANSIENT_NAMES) or isinstance(exc, ConnectionError):
+        return EngineUnavailable(message)
+    return EngineError(message)
+
+
 class WrappedModelEngine(Engine):
     """An :class:`Engine` over a framework model (LangChain, LlamaIndex) the user already has.
 
@@ -493,7 +514,7 @@ class WrappedModelEngine(Engine):
                 if kind == "abort":
                     return  # the base class raises Cancelled with the caller's reason
                 if kind == "error":
-                    raise payload
+                    raise wrap_model_error(self.name, payload) from payload
                 if kind == "done":
                     break
                 piece: Piece = payload
