@@ -26,8 +26,6 @@ APP_NAME = "echo-middleware"
 EngineBackend = Literal["auto", "vllm", "openai", "transformers"]
 """``auto`` picks in-process vLLM when it is installed, else transformers."""
 SpeculativeMethod = Literal["off", "ngram", "draft"]
-RankerKind = Literal["utility", "similarity"]
-"""``utility``: the learned proxy ranker; ``similarity``: nearest neighbours first (the baseline)."""
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_LARGE_MODEL = "qwen2.5-coder-1.5b-instruct"
@@ -148,18 +146,6 @@ class StoreConfig(_Section):
     ttl_s: float | None = Field(None, gt=0, description="Examples older than this are evicted; None keeps them.")
     dedupe_distance: float = Field(0.02, ge=0, le=2, description="Cosine distance under which requests merge.")
     max_text_chars: int = Field(32_000, ge=1, description="Longest request or response text accepted.")
-    dedupe: bool = Field(True, description="Merge a new request into a stored one within dedupe_distance.")
-    recency_half_life_s: float = Field(
-        7 * 86_400.0, gt=0, description="Eviction value: seconds after which an unused example counts half."
-    )
-    evict_low_water: float = Field(
-        0.95, gt=0, le=1, description="Over capacity, evict down to this share of it (fewer, larger evictions)."
-    )
-    replay_capacity: int = Field(10_000, ge=1, description="Most queued replay requests; the least valuable go.")
-    max_retries: int = Field(3, ge=0, le=20, description="Retries of transient store errors (server, lock).")
-    lock_timeout_s: float = Field(
-        10.0, ge=0, le=3600, description="Seconds to wait for another process to release an embedded store."
-    )
 
 
 class RankConfig(_Section):
@@ -169,11 +155,6 @@ class RankConfig(_Section):
     max_examples: int = Field(4, ge=0, le=32, description="Most examples put in the small model's prompt.")
     min_utility: float = Field(0.5, ge=0, le=1, description="Examples below this utility are left out.")
     model_path: Path | None = Field(None, description="A trained ranker file; None uses the shipped default.")
-    kind: RankerKind = Field("utility", description="utility: the learned proxy; similarity: nearest first.")
-    learning_rate: float = Field(0.02, ge=0, le=1, description="Step of online updates from outcomes (0: frozen).")
-    state_path: Path | None = Field(
-        None, description="Where online-updated weights are saved on close and read at start (None: memory only)."
-    )
 
 
 class RouteConfig(_Section):
@@ -184,16 +165,6 @@ class RouteConfig(_Section):
     load_bias: float = Field(0.15, ge=0, le=1, description="Most the bar drops when the large engine is full.")
     load_gamma: float = Field(1.0, gt=0, le=100, description="How fast the bias grows with overload (tanh).")
     offload_without_examples: bool = Field(False, description="Offload even with no usable example.")
-    class_bias_weight: dict[PriorityClass, float] = Field(
-        default_factory=lambda: {"interactive": 1.0, "standard": 0.5, "batch": 0.0},
-        description="Share of the load bias each priority class gets when it has no explicit SLO.",
-    )
-    calibration_window: int = Field(2000, ge=10, description="Most recent measured outcomes kept for calibration.")
-    min_calibration: int = Field(20, ge=1, description="Outcomes needed before a calibrated threshold is trusted.")
-    default_threshold: float = Field(
-        0.9, ge=0, le=1, description="Threshold while fewer than min_calibration outcomes are known."
-    )
-    fallback_to_small: bool = Field(True, description="If the large model fails, answer with the small one.")
 
 
 SpeculationMode = Literal["always", "unless_saturated", "never"]
@@ -275,14 +246,6 @@ class LearnConfig(_Section):
     store_large_answers: bool = Field(True, description="Keep large-model answers as new examples.")
     shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of offloads re-checked by the large model.")
     replay_when_idle: bool = Field(True, description="Use idle time of the large engine for replay.")
-    probe_rate: float = Field(
-        0.05, ge=0, le=1, description="Share of large answers also tried on the small model when idle (labels)."
-    )
-    success_agreement: float = Field(
-        0.7, ge=0, le=1, description="Agreement with the large answer that counts an offload as a success."
-    )
-    idle_poll_s: float = Field(0.5, gt=0, le=60, description="Seconds between checks for idle engines.")
-    max_pending: int = Field(256, ge=0, description="Most background checks waiting; more are dropped.")
 
 
 class EchoSettings(BaseSettings):
