@@ -26,6 +26,8 @@ APP_NAME = "echo-middleware"
 EngineBackend = Literal["auto", "vllm", "openai", "transformers"]
 """``auto`` picks in-process vLLM when it is installed, else transformers."""
 SpeculativeMethod = Literal["off", "ngram", "draft"]
+RankerKind = Literal["utility", "similarity"]
+"""``utility``: the learned proxy ranker; ``similarity``: nearest neighbours first (the baseline)."""
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_LARGE_MODEL = "qwen2.5-coder-1.5b-instruct"
@@ -155,6 +157,11 @@ class RankConfig(_Section):
     max_examples: int = Field(4, ge=0, le=32, description="Most examples put in the small model's prompt.")
     min_utility: float = Field(0.5, ge=0, le=1, description="Examples below this utility are left out.")
     model_path: Path | None = Field(None, description="A trained ranker file; None uses the shipped default.")
+    kind: RankerKind = Field("utility", description="utility: the learned proxy; similarity: nearest first.")
+    learning_rate: float = Field(0.02, ge=0, le=1, description="Step of online updates from outcomes (0: frozen).")
+    state_path: Path | None = Field(
+        None, description="Where online-updated weights are saved on close and read at start (None: memory only)."
+    )
 
 
 class RouteConfig(_Section):
@@ -165,6 +172,16 @@ class RouteConfig(_Section):
     load_bias: float = Field(0.15, ge=0, le=1, description="Most the bar drops when the large engine is full.")
     load_gamma: float = Field(1.0, gt=0, le=100, description="How fast the bias grows with overload (tanh).")
     offload_without_examples: bool = Field(False, description="Offload even with no usable example.")
+    class_bias_weight: dict[PriorityClass, float] = Field(
+        default_factory=lambda: {"interactive": 1.0, "standard": 0.5, "batch": 0.0},
+        description="Share of the load bias each priority class gets when it has no explicit SLO.",
+    )
+    calibration_window: int = Field(2000, ge=10, description="Most recent measured outcomes kept for calibration.")
+    min_calibration: int = Field(20, ge=1, description="Outcomes needed before a calibrated threshold is trusted.")
+    default_threshold: float = Field(
+        0.9, ge=0, le=1, description="Threshold while fewer than min_calibration outcomes are known."
+    )
+    fallback_to_small: bool = Field(True, description="If the large model fails, answer with the small one.")
 
 
 SpeculationMode = Literal["always", "unless_saturated", "never"]
@@ -246,6 +263,14 @@ class LearnConfig(_Section):
     store_large_answers: bool = Field(True, description="Keep large-model answers as new examples.")
     shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of offloads re-checked by the large model.")
     replay_when_idle: bool = Field(True, description="Use idle time of the large engine for replay.")
+    probe_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of large answers also tried on the small model when idle (labels)."
+    )
+    success_agreement: float = Field(
+        0.7, ge=0, le=1, description="Agreement with the large answer that counts an offload as a success."
+    )
+    idle_poll_s: float = Field(0.5, gt=0, le=60, description="Seconds between checks for idle engines.")
+    max_pending: int = Field(256, ge=0, description="Most background checks waiting; more are dropped.")
 
 
 class EchoSettings(BaseSettings):

@@ -1,0 +1,169 @@
+"""A small logistic model over named features: the utility ranker's proxy model.
+
+Why logistic regression and not a cross-encoder: the ranker runs on every request, on CPU, next to two language
+models that already use every core. Twenty dot products take microseconds, the weights fit in a JSON file that
+a reviewer can read, and an online update is one gradient step. The features (:mod:`echo_middleware.rank.features`)
+carry the lexical and usage signals a cross-encoder would have to learn from far more data than we have.
+
+Labels are soft (an agreement score in [0, 1]), so the model is fitted by Newton's method on the cross-entropy of
+soft targets, with an L2 penalty; online updates are SGD steps with an L2 pull towards the shipped weights, so a
+burst of unusual traffic cannot drag the model far from what was trained offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from echo_middleware.errors import ConfigError
+from echo_middleware.rank.features import FEATURE_NAMES
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, safe for large |z|."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _columns(features: Sequence[str]) -> np.ndarray:
+    unknown = [f for f in features if f not in FEATURE_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"ranker weights name features {unknown} that this version does not compute "
+            f"(known: {', '.join(FEATURE_NAMES)}); retrain the ranker with benchmarks/train_ranker.py"
+        )
+    return np.array([FEATURE_NAMES.index(f) for f in features], dtype=np.int64)
+
+
+@dataclass
+class LogisticModel:
+    """``p = sigmoid(((x - mean) / scale) . coef + intercept)`` over the named columns of the feature matrix."""
+
+    features: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    updates: int = 0
+    _cols: np.ndarray = field(init=False, repr=False)
+    _anchor: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        self._cols = _columns(self.features)
+        n = len(self.features)
+        self.mean = np.asarray(self.mean, dtype=np.float64).reshape(n)
+        self.scale = np.where(np.asarray(self.scale, dtype=np.float64).reshape(n) > 1e-9, self.scale, 1.0)
+        self.coef = np.asarray(self.coef, dtype=np.float64).reshape(n)
+        self.intercept = float(self.intercept)
+        self._anchor = np.concatenate([self.coef, [self.intercept]])
+
+    # ------------------------------------------------------------------------------------------ use
+
+    def _design(self, x_full: np.ndarray) -> np.ndarray:
+        x_full = np.atleast_2d(np.asarray(x_full, dtype=np.float64))
+        if x_full.shape[1] != len(FEATURE_NAMES):
+            raise ValueError(f"expected {len(FEATURE_NAMES)} feature columns, got {x_full.shape[1]}")
+        return (x_full[:, self._cols] - self.mean) / self.scale
+
+    def predict(self, x_full: np.ndarray) -> np.ndarray:
+        """Probabilities for each row of a full feature matrix (columns in ``FEATURE_NAMES`` order)."""
+        if len(x_full) == 0:
+            return np.zeros(0)
+        return sigmoid(self._design(x_full) @ self.coef + self.intercept)
+
+    def contributions(self, x_row: np.ndarray) -> dict[str, float]:
+        """Each feature's share of one row's logit: why a candidate scored as it did."""
+        z = self._design(x_row)[0] * self.coef
+        return {name: float(v) for name, v in zip(self.features, z, strict=True)}
+
+    # --------------------------------------------------------------------------------------- learn
+
+    def partial_fit(self, x_full: np.ndarray, y: Sequence[float] | np.ndarray, lr: float, l2: float = 0.01) -> None:
+        """One SGD step on the soft-label cross-entropy, pulled towards the weights the model was loaded with."""
+        if lr <= 0 or len(x_full) == 0:
+            return
+        x = self._design(x_full)
+        target = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
+        err = sigmoid(x @ self.coef + self.intercept) - target
+        grad_w = x.T @ err / len(err) + l2 * (self.coef - self._anchor[:-1])
+        grad_b = float(err.mean()) + l2 * (self.intercept - self._anchor[-1])
+        self.coef = self.coef - lr * grad_w
+        self.intercept = self.intercept - lr * grad_b
+        self.updates += len(err)
+
+    @classmethod
+    def fit(
+        cls,
+        x_full: np.ndarray,
+        y: Sequence[float] | np.ndarray,
+        features: Sequence[str] = FEATURE_NAMES,
+        *,
+        l2: float = 1.0,
+        sample_weight: Sequence[float] | np.ndarray | None = None,
+        iterations: int = 50,
+    ) -> LogisticModel:
+        """Fit by Newton's method on soft labels in [0, 1] (standardised features, L2 on the weights only)."""
+        x_full = np.atleast_2d(np.asarray(x_full, dtype=np.float64))
+        target = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
+        if len(target) != len(x_full) or len(target) == 0:
+            raise ValueError(f"fit needs one label per row: {len(x_full)} rows, {len(target)} labels")
+        cols = _columns(features)
+        raw = x_full[:, cols]
+        mean = raw.mean(axis=0)
+        scale = raw.std(axis=0)
+        scale = np.where(scale > 1e-9, scale, 1.0)
+        x = np.hstack([(raw - mean) / scale, np.ones((len(raw), 1))])
+        weight = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        theta = np.zeros(x.shape[1])
+        base = float(np.clip(np.average(target, weights=weight), 1e-3, 1 - 1e-3))
+        theta[-1] = np.log(base / (1 - base))
+        penalty = np.full(x.shape[1], l2)
+        penalty[-1] = 0.0
+        for _ in range(iterations):
+            p = sigmoid(x @ theta)
+            grad = x.T @ (weight * (p - target)) + penalty * theta
+            hess = (x * (weight * p * (1 - p))[:, None]).T @ x + np.diag(penalty + 1e-9)
+            step = np.linalg.solve(hess, grad)
+            theta -= step
+            if float(np.abs(step).max()) < 1e-8:
+                break
+        return cls(tuple(features), mean, scale, theta[:-1], float(theta[-1]))
+
+    # ---------------------------------------------------------------------------------------- save
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (features, standardisation, weights)."""
+        return {
+            "features": list(self.features),
+            "mean": [round(float(v), 8) for v in self.mean],
+            "scale": [round(float(v), 8) for v in self.scale],
+            "coef": [round(float(v), 8) for v in self.coef],
+            "intercept": round(float(self.intercept), 8),
+            "updates": int(self.updates),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LogisticModel:
+        """The model :meth:`to_dict` described; raises ConfigError on a malformed description."""
+        try:
+            features = tuple(data["features"])
+            n = len(features)
+            parts = {k: np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"ranker weights are malformed ({exc}): retrain with benchmarks/train_ranker.py") from exc
+        if any(v.shape != (n,) for v in parts.values()):
+            raise ConfigError(f"ranker weights are malformed: mean/scale/coef must each have {n} values")
+        return cls(
+            features,
+            parts["mean"],
+            parts["scale"],
+            parts["coef"],
+            float(data["intercept"]),
+            int(data.get("updates", 0)),
+        )
+
+
+__all__ = ["LogisticModel", "sigmoid"]
