@@ -176,7 +176,7 @@ class PipelineHandle:
         """Start the pipeline once (on the background loop); concurrent first calls share one start."""
         pipeline = self.pipeline
         if self._started is None:
-            self._started = asyncio.ensure_future(pipeline.start())
+            self._started = asyncio.ensure_future(self._start(pipeline))
         try:
             await asyncio.shield(self._started)
         except BaseException:
@@ -184,6 +184,27 @@ class PipelineHandle:
                 self._started = None  # a failed start is retried by the next call
             raise
         return pipeline
+
+    @staticmethod
+    async def _start(pipeline: EchoPipeline) -> None:
+        """Start the engines one after the other, then the pipeline.
+
+        Two local models loading at once on one CPU gain nothing, and transformers' lazy imports are not
+        thread-safe: two engines importing it at the same moment fail with "cannot import name
+        AutoModelForCausalLM". A small engine that fails here is left to the pipeline, which starts it again
+        and, if it still fails, lets the large model answer (and says so in each decision).
+        """
+        if not getattr(pipeline, "_started", False):
+            large = getattr(pipeline, "large_engine", None)
+            small = getattr(pipeline, "small_engine", None)
+            if isinstance(large, Engine):
+                await large.start()
+            if isinstance(small, Engine):
+                try:
+                    await small.start()
+                except Exception as exc:  # the pipeline decides what a failed small engine means
+                    logger.debug("small engine failed to start before the pipeline: %s", exc)
+        await pipeline.start()
 
     async def _generate(self, request: EchoRequest) -> EchoResult:
         pipeline = await self._ensure_started()
@@ -391,6 +412,24 @@ def merge_call_options(
         stop=stops,
     )
     return options, extra
+
+
+def split_overrides(overrides: Mapping[str, Any], field_names: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``from_defaults`` kwargs into an adapter's own fields and settings overrides.
+
+    ``large`` / ``small`` are both: a model or an Engine is the adapter's field, a dict (or an ``EngineConfig``)
+    is the settings section of that engine, as in :meth:`EchoPipeline.from_defaults`.
+    """
+    own: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for key, value in overrides.items():
+        is_section = key in ("large", "small") and (isinstance(value, Mapping) or hasattr(value, "model_dump"))
+        engine_like = is_section and hasattr(value, "stream")  # an Engine or framework model is not a section
+        if key in field_names and not (is_section and not engine_like):
+            own[key] = value
+        else:
+            settings[key] = value
+    return own, settings
 
 
 def configured_copy(model: Any, params: SamplingParams, names: Mapping[str, Sequence[str]]) -> Any:

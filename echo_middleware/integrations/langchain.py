@@ -101,6 +101,7 @@ from echo_middleware.integrations._common import (
     parse_tool_calls,
     render_tool_call,
     render_tool_result,
+    split_overrides,
     tools_system_prompt,
     with_tools_prompt,
 )
@@ -420,8 +421,7 @@ class _EchoFields(BaseModel):
     def _split_overrides(cls, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split ``from_defaults`` kwargs into this model's fields and settings overrides."""
         names = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-        own = {k: v for k, v in overrides.items() if k in names}
-        return own, {k: v for k, v in overrides.items() if k not in names}
+        return split_overrides(overrides, names)
 
     def close(self) -> None:
         """Close the pipeline this model built (engines, store); a shared ``pipeline=`` is left open."""
@@ -457,8 +457,9 @@ class EchoChatModel(_EchoFields, BaseChatModel):
         """A model on the bundled defaults (embedded Chroma, local small and large models).
 
         Keyword arguments that name fields of this class set them (``max_tokens=128``, ``tenant="a"``,
-        ``large=ChatOpenAI()``); the others are settings overrides (``store={"path": "..."}``,
-        ``small={"model": "..."}``), validated now. ``ECHO_*`` environment variables apply as usual.
+        ``large=ChatOpenAI()``); the others are settings overrides (``store={"path": "..."}``), validated now;
+        ``large`` / ``small`` given as dicts are settings sections (``small={"model": "..."}``).
+        ``ECHO_*`` environment variables apply as usual.
         """
         own, settings = cls._split_overrides(overrides)
         if settings:
@@ -576,8 +577,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
     ) -> ChatResult:
         options, tooling, echo_messages = self._prepare(messages, stop, kwargs)
         if echo_messages is None:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
-            reply = self._delegate(tooling).invoke(messages, stop=stop, config=config)
+            reply = self._delegate(tooling).invoke(messages, stop=stop)
             return _delegated_result(reply, self._delegated_decision())
         result = self.handle.generate(options.request(echo_messages), timeout_s=self.timeout)
         return ChatResult(generations=[ChatGeneration(message=self._message(result, tooling))])
@@ -591,8 +591,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
     ) -> ChatResult:
         options, tooling, echo_messages = self._prepare(messages, stop, kwargs)
         if echo_messages is None:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
-            reply = await self._delegate(tooling).ainvoke(messages, stop=stop, config=config)
+            reply = await self._delegate(tooling).ainvoke(messages, stop=stop)
             return _delegated_result(reply, self._delegated_decision())
         result = await self.handle.agenerate(options.request(echo_messages), timeout_s=self.timeout)
         return ChatResult(generations=[ChatGeneration(message=self._message(result, tooling))])
@@ -608,8 +607,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         options, tooling, echo_messages = self._prepare(messages, stop, kwargs)
         if echo_messages is None:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
-            for piece in self._delegate(tooling).stream(messages, stop=stop, config=config):
+            for piece in self._delegate(tooling).stream(messages, stop=stop):
                 chunk = ChatGenerationChunk(message=_strip_last(piece))
                 if run_manager:
                     run_manager.on_llm_new_token(piece.text, chunk=chunk)
@@ -637,8 +635,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         options, tooling, echo_messages = self._prepare(messages, stop, kwargs)
         if echo_messages is None:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
-            async for piece in self._delegate(tooling).astream(messages, stop=stop, config=config):
+            async for piece in self._delegate(tooling).astream(messages, stop=stop):
                 chunk = ChatGenerationChunk(message=_strip_last(piece))
                 if run_manager:
                     await run_manager.on_llm_new_token(piece.text, chunk=chunk)

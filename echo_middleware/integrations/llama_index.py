@@ -98,6 +98,7 @@ from echo_middleware.integrations._common import (
     parse_tool_calls,
     render_tool_call,
     render_tool_result,
+    split_overrides,
     tools_system_prompt,
     with_tools_prompt,
 )
@@ -394,10 +395,10 @@ class EchoLLM(FunctionCallingLLM):
         """An LLM on the bundled defaults (embedded Chroma, local small and large models).
 
         Keyword arguments that name fields of this class set them (``max_tokens=128``, ``large=OpenAI()``); the
-        others are settings overrides (``store={"path": "..."}``), validated now. ``ECHO_*`` variables apply.
+        others are settings overrides (``store={"path": "..."}``, ``small={"model": "..."}``), validated now.
+        ``ECHO_*`` variables apply.
         """
-        own = {k: v for k, v in overrides.items() if k in cls.model_fields}
-        rest = {k: v for k, v in overrides.items() if k not in cls.model_fields}
+        own, rest = split_overrides(overrides, set(cls.model_fields))
         if rest:
             own["settings"] = build_settings(**rest)
         return cls(**own)
