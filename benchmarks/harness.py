@@ -263,20 +263,28 @@ def make_system(name: str, engines: EngineSet, embedder: Any, config: BenchConfi
     raise ValueError(f"system {name!r} is unknown: use one of {', '.join(SYSTEMS)}")
 
 
-async def run_system(
-    system: System, trace: Trace, pairs: Sequence[tuple[Item, Any]], config: BenchConfig
-) -> list[Outcome]:
-    """Warm the system up, then answer the eval stream one request at a time."""
-    await system.warm(pairs)
-    outcomes = []
-    bar = tqdm(trace.eval, desc=f"{trace.workload}: {system.name}", disable=not config.progress, leave=False)
-    for item in bar:
-        try:
-            outcome = await system.answer(item)
-        except Exception as exc:  # one failed request is a result, not the end of the run
-            logger.exception("%s failed on %s", system.name, item.id)
-            outcome = Outcome(item.id, "", "error", 0.0, error=f"{type(exc).__name__}: {exc}")
-        outcomes.append(outcome)
+async def run_interleaved(
+    systems: dict[str, System], trace: Trace, pairs: Sequence[tuple[Item, Any]], config: BenchConfig
+) -> dict[str, list[Outcome]]:
+    """Warm every system up, then let all of them answer each eval request back to back.
+
+    Interleaving (rather than one system after the other) spreads whatever else the machine is doing over every
+    system alike: a shared machine that gets busier halfway through the run slows all systems, not only the ones
+    measured last. The order within a request rotates, so no system always goes first.
+    """
+    for system in systems.values():
+        await system.warm(pairs)
+    names = list(systems)
+    outcomes: dict[str, list[Outcome]] = {name: [] for name in names}
+    bar = tqdm(trace.eval, desc=f"{trace.workload}: {len(names)} systems", disable=not config.progress, leave=False)
+    for k, item in enumerate(bar):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            try:
+                outcome = await systems[name].answer(item)
+            except Exception as exc:  # one failed request is a result, not the end of the run
+                logger.exception("%s failed on %s", name, item.id)
+                outcome = Outcome(item.id, "", "error", 0.0, error=f"{type(exc).__name__}: {exc}")
+            outcomes[name].append(outcome)
     return outcomes
 
 
@@ -305,10 +313,11 @@ async def score_all(
             item = by_id[outcome.item_id]
             if outcome.error:
                 continue
-            rating = await judge.rate(item.prompt, outcome.text, item.answers[0] if item.answers else None)
-            if rating is not None:
-                outcome.scores["judge"] = rating
-            if item.twin is not None and item.kind in ("trap", "paraphrase"):
+            if PRIMARY[workload] == "judge":
+                rating = await judge.rate(item.prompt, outcome.text, item.answers[0] if item.answers else None)
+                if rating is not None:
+                    outcome.scores["judge"] = rating
+            if workload == "traps" and item.twin is not None and item.kind in ("trap", "paraphrase"):
                 twin = by_id[item.twin]
                 verdict = await judge.fits(item.prompt, twin.prompt, outcome.text, seed=f"{item.id}:{name}")
                 if verdict is not None:
@@ -367,6 +376,8 @@ def aggregate(
             "mean_service_s": mean([o.service_s for o in source]),
             "background_s_total": sum(o.background_s for o in source),
             "mean_examples": mean([float(o.n_examples) for o in source]),
+            "mean_cpu_s": mean([o.cpu_s for o in source]),
+            "mean_load1": mean([o.load1 for o in source]),
         }
         # Saturation throughput: requests per second of busy time, background learning included.
         busy = [o.service_s for o in source]
@@ -462,40 +473,40 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     outcomes: dict[str, dict[str, list[Outcome]]] = {w: {} for w in traces}
     features: dict[str, Any] = {}
     systems_info: dict[str, Any] = {}
-    groups: list[tuple[str, str, list[str]]] = []
-    if "echo-nospec" in config.systems and config.speculative != "off":
-        groups.append(("nospec", "off", ["echo-nospec"]))
-    main = [s for s in config.systems if s not in ("echo-nospec", "echo-fcfs") or config.speculative == "off"]
-    main = [s for s in main if s != "echo-fcfs"]
-    groups.append(("default", config.speculative, main))
-
+    names = [s for s in config.systems if s != "echo-fcfs"]
+    engine_sets: dict[str, EngineSet] = {}
     judged = False
     judge_stats: dict[str, int] = {}
-    for label, speculative, names in groups:
-        engines = await start_engines(config, speculative, label)
-        features[label] = engine_features(engines)
-        try:
-            for workload, trace in traces.items():
-                pairs = await warmup_answers(trace, engines, config)
+    try:
+        engine_sets["default"] = await start_engines(config, config.speculative, "default")
+        if "echo-nospec" in names and config.speculative != "off":
+            engine_sets["nospec"] = await start_engines(config, "off", "nospec")
+        features = {label: engine_features(engines) for label, engines in engine_sets.items()}
+        default = engine_sets["default"]
+        for workload, trace in traces.items():
+            pairs = await warmup_answers(trace, default, config)
+            systems: dict[str, System] = {}
+            try:
                 for name in names:
-                    system = make_system(name, engines, embedder, config)
-                    try:
-                        outcomes[workload][name] = await run_system(system, trace, pairs, config)
-                    finally:
-                        systems_info[name] = system.describe()
-                        await system.close()
-                    print(f"{workload}: {name} done ({time.monotonic() - began:.0f} s)", flush=True)
-            if label == "default":
-                judge = None
-                if config.judge and any(t.eval[0].metric == "open" for t in traces.values()):
-                    from echo_middleware.models import model_path
+                    engines = engine_sets.get("nospec", default) if name == "echo-nospec" else default
+                    systems[name] = make_system(name, engines, embedder, config)
+                outcomes[workload] = await run_interleaved(systems, trace, pairs, config)
+            finally:
+                for name, system in systems.items():
+                    systems_info[name] = system.describe()
+                    await system.close()
+            print(f"{workload}: {len(names)} systems done ({time.monotonic() - began:.0f} s)", flush=True)
+        judge = None
+        if config.judge and any(t.eval[0].metric == "open" for t in traces.values()):
+            from echo_middleware.models import model_path
 
-                    judge = Judge(engines.large, model_path(config.large))
-                await score_all(traces, outcomes, embedder, judge, config)
-                if judge is not None:
-                    judged = True
-                    judge_stats = dataclasses.asdict(judge.stats)
-        finally:
+            judge = Judge(default.large, model_path(config.large))
+        await score_all(traces, outcomes, embedder, judge, config)
+        if judge is not None:
+            judged = True
+            judge_stats = dataclasses.asdict(judge.stats)
+    finally:
+        for engines in engine_sets.values():
             await close_engines(engines)
 
     results: dict[str, Any] = {

@@ -11,8 +11,9 @@ Primary measure per workload (the one quality retention is computed from):
 - ``math``: numeric match of the final number;
 - ``open``: the judge's 1-10 rating (MT-Bench's single-answer prompt, with GPT-4's reference for math, reasoning
   and coding), ROUGE-L and embedding cosine against the reference and against the large model's answer beside it;
-- ``traps``: the judge's rating as for ``open``; the trap measure is **false reuse**: the judge, shown both
-  questions of a pair in random order, says the answer only fits the twin.
+- ``traps``: embedding cosine to the large model's answer to the same request; the trap measure is **false
+  reuse**: the judge, shown both questions of a pair in random order, says the answer only fits the twin. (No
+  rating here: a rating and a verdict per answer would double the judge's cost, and the verdict is the point.)
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from echo_middleware.learn.quality import (
 
 logger = logging.getLogger(__name__)
 
-PRIMARY = {"qa": "f1", "math": "numeric", "open": "judge", "traps": "judge"}
+PRIMARY = {"qa": "f1", "math": "numeric", "open": "judge", "traps": "emb_large"}
 """The measure quality retention is computed from, per workload."""
-FALLBACK_PRIMARY = {"open": "emb_large", "traps": "emb_large"}
+FALLBACK_PRIMARY = {"open": "emb_large"}
 """Used when the judge was turned off (``--no-judge``): similarity to the large model's answer."""
 
 

@@ -22,6 +22,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -161,6 +162,10 @@ class Outcome:
     """``large``, ``small`` or ``cache`` (a stored answer returned verbatim)."""
     service_s: float
     """Wall time of the request alone: retrieval, ranking, generation and storing."""
+    cpu_s: float = 0.0
+    """CPU seconds this process spent on the request (all threads): insensitive to other processes' load."""
+    load1: float = 0.0
+    """The machine's 1-minute load average when the request started (how busy the machine was)."""
     large_prompt_tokens: int = 0
     large_completion_tokens: int = 0
     small_prompt_tokens: int = 0
@@ -239,9 +244,13 @@ class System(abc.ABC):
     async def answer(self, item: Item) -> Outcome:
         """Answer one request, timing it and counting its engine calls."""
         marks = self.engines.marks()
+        load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cpu = time.process_time()
         began = time.monotonic()
         outcome = await self._answer(item)
         outcome.service_s = time.monotonic() - began
+        outcome.cpu_s = time.process_time() - cpu
+        outcome.load1 = load1
         await self.settle()
         calls = [*self.engines.large.since(marks[0]), *self.engines.small.since(marks[1])]
         return _account(outcome, calls)

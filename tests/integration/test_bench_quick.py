@@ -96,12 +96,16 @@ def test_scores_and_traps(quick_run: Path) -> None:
     assert qa["primary_metric"] == "f1"
     assert {"em", "f1", "contains"} <= set(qa["systems"]["always-large"]["measures"])
     assert results["workloads"]["math"]["primary_metric"] == "numeric"
-    traps = results["workloads"]["traps"]
-    assert traps["primary_metric"] == "judge"
     assert results["judge"]["calls"] > 0
-    for name, row in traps["systems"].items():
-        assert "judge" in row["measures"], name
-        assert 1.0 <= row["measures"]["judge"] <= 10.0
+    open_ = results["workloads"]["open"]
+    assert open_["primary_metric"] == "judge"
+    for name, row in open_["systems"].items():
+        if "judge" in row["measures"]:  # None when SmolLM2 wrote no parsable rating for any answer
+            assert 1.0 <= row["measures"]["judge"] <= 10.0, name
+    traps = results["workloads"]["traps"]
+    assert traps["primary_metric"] == "emb_large"
+    assert traps["systems"]["always-large"]["measures"]["emb_large"] == pytest.approx(1.0, abs=1e-3)
+    for row in traps["systems"].values():
         if traps["trace"]["kinds"].get("trap"):
             assert 0.0 <= (row["traps"]["false_reuse_rate"] or 0.0) <= 1.0
 
