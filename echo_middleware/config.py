@@ -148,6 +148,21 @@ class StoreConfig(_Section):
     ttl_s: float | None = Field(None, gt=0, description="Examples older than this are evicted; None keeps them.")
     dedupe_distance: float = Field(0.02, ge=0, le=2, description="Cosine distance under which requests merge.")
     max_text_chars: int = Field(32_000, ge=1, description="Longest request or response text accepted.")
+    dedupe: bool = Field(True, description="Merge a new request into a stored one within dedupe_distance.")
+    dedupe_guard: bool = Field(
+        True, description="Dedupe also needs the same wording up to case, filler words and typos (no traps)."
+    )
+    recency_half_life_s: float = Field(
+        7 * 86_400.0, gt=0, description="Eviction value: seconds after which an unused example counts half."
+    )
+    evict_low_water: float = Field(
+        0.95, gt=0, le=1, description="Over capacity, evict down to this share of it (fewer, larger evictions)."
+    )
+    replay_capacity: int = Field(10_000, ge=1, description="Most queued replay requests; the least valuable go.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of transient store errors (server, lock).")
+    lock_timeout_s: float = Field(
+        10.0, ge=0, le=3600, description="Seconds to wait for another process to release an embedded store."
+    )
 
 
 class RankConfig(_Section):
