@@ -137,10 +137,16 @@ SAMPLING_FIELDS: dict[str, tuple[str, ...]] = {
 # ------------------------------------------------------------------------------ message mapping
 
 
+CALL_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking"})
+"""Content blocks of an AI message that are not sent as text: calls are in ``tool_calls``; reasoning is dropped."""
+
+
 def _text_of(message: BaseMessage, index: int) -> str:
     """The text of a message; non-text content blocks are refused (local models read text only)."""
     if isinstance(message.content, list):
         kinds = {block.get("type") for block in message.content if isinstance(block, dict)} - {"text", None}
+        if isinstance(message, AIMessage):
+            kinds -= CALL_BLOCKS
         if kinds:
             raise ConfigError(
                 f"message {index} has {sorted(kinds)} content: the pipeline passes text only. Send text, or call "

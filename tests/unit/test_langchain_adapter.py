@@ -216,6 +216,15 @@ def test_tool_history_is_sent_in_the_text_format() -> None:
     assert (converted[2].role, converted[2].content) == ("user", "<tool_response>\n5\n</tool_response>")
 
 
+def test_tool_use_blocks_of_ai_messages_are_not_text() -> None:
+    ai = AIMessage(
+        content=[{"type": "text", "text": "calling"}, {"type": "tool_use", "id": "c1", "name": "_add", "input": {}}],
+        tool_calls=[{"name": "_add", "args": {"a": 1, "b": 2}, "id": "c1"}],
+    )
+    (converted,) = to_echo_messages([ai])
+    assert converted.content.startswith("calling\n<tool_call>")
+
+
 def test_non_text_content_is_refused() -> None:
     image = HumanMessage(content=[{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x"}}])
     with pytest.raises(ConfigError, match="image_url"):
