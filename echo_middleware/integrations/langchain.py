@@ -368,13 +368,22 @@ class _EchoFields(BaseModel):
             raise ValueError(f"settings={type(self.settings).__name__} is not EchoSettings or a dict")
         return self
 
+    def _attach_handle(self) -> None:
+        """Create the (cheap, unstarted) pipeline handle now, so copies of this model share one pipeline."""
+        large = LangChainEngine(self.large) if isinstance(self.large, BaseChatModel) else self.large
+        self._handle = PipelineHandle(self.pipeline, settings=self.settings, large=large, small=self.small)
+
     @property
     def handle(self) -> PipelineHandle:
-        """The pipeline behind this model (built on first use; nothing loads until the first call)."""
+        """The pipeline behind this model (built on first use; nothing loads until the first call).
+
+        Copies (``model_copy``, ``bind``, ``with_config``) share it, so per-tenant variants of one model
+        (``llm.bind(tenant="a")``) use one set of engines.
+        """
         with self._handle_lock:
             if self._handle is None:
-                large = LangChainEngine(self.large) if isinstance(self.large, BaseChatModel) else self.large
-                self._handle = PipelineHandle(self.pipeline, settings=self.settings, large=large, small=self.small)
+                self._attach_handle()
+            assert self._handle is not None  # noqa: S101 - set just above
             return self._handle
 
     @property
@@ -457,6 +466,10 @@ class EchoChatModel(_EchoFields, BaseChatModel):
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._attach_handle()
 
     @classmethod
     def from_defaults(cls, **overrides: Any) -> EchoChatModel:
@@ -742,6 +755,10 @@ class EchoLLM(_EchoFields, BaseLLM):
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._attach_handle()
 
     @classmethod
     def from_defaults(cls, **overrides: Any) -> EchoLLM:

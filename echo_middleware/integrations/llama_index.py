@@ -405,13 +405,26 @@ class EchoLLM(FunctionCallingLLM):
 
     # ------------------------------------------------------------------------------ plumbing
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._attach_handle()
+
+    def _attach_handle(self) -> None:
+        """Create the (cheap, unstarted) pipeline handle now, so copies of this LLM share one pipeline."""
+        large = LlamaIndexEngine(self.large) if isinstance(self.large, LLM) else self.large
+        self._handle = PipelineHandle(self.pipeline, settings=self.settings, large=large, small=self.small)
+
     @property
     def handle(self) -> PipelineHandle:
-        """The pipeline behind this LLM (built on first use; nothing loads until the first call)."""
+        """The pipeline behind this LLM (built on first use; nothing loads until the first call).
+
+        Copies share it: ``llm.model_copy(update={"tenant": "a"})`` is a per-tenant LLM on the same engines, for
+        query and chat engines, which call the LLM without per-call arguments.
+        """
         with self._handle_lock:
             if self._handle is None:
-                large = LlamaIndexEngine(self.large) if isinstance(self.large, LLM) else self.large
-                self._handle = PipelineHandle(self.pipeline, settings=self.settings, large=large, small=self.small)
+                self._attach_handle()
+            assert self._handle is not None  # noqa: S101 - set just above
             return self._handle
 
     @property

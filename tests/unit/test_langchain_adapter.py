@@ -118,6 +118,14 @@ def test_large_chat_model_becomes_a_langchain_engine() -> None:
     assert llm.handle._large.chat_model is large
 
 
+def test_copies_share_one_pipeline() -> None:
+    llm = EchoChatModel(max_tokens=8)
+    copy = llm.model_copy(update={"tenant": "a"})
+    assert copy.handle is llm.handle
+    assert copy.tenant == "a"
+    assert EchoChatModel().handle is not llm.handle
+
+
 def test_timeout_cancels_the_request() -> None:
     pipe = FakePipeline(delay=5.0)
     with pytest.raises(EngineTimeout, match="timeout=0.2"):

@@ -163,6 +163,18 @@ def test_constructor_checks() -> None:
     assert isinstance(llm.handle._large, LlamaIndexEngine)
 
 
+def test_per_tenant_copies_share_one_pipeline() -> None:
+    pipe = FakePipeline()
+    llm = _llm(pipe)
+    tenant_a = llm.model_copy(update={"tenant": "a"})
+    assert tenant_a.handle is llm.handle
+    tenant_a.complete("x")
+    llm.complete("y")
+    assert [r.tenant for r in pipe.requests] == ["a", None]
+    unshared = EchoLLM()
+    assert unshared.model_copy().handle is unshared.handle
+
+
 # -------------------------------------------------------------------------------------- tools
 
 
