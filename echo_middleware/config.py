@@ -221,7 +221,9 @@ class ScheduleConfig(_Section):
     """The per-engine scheduler in front of each engine (SSJF + AdaServe)."""
 
     policy: Literal["fcfs", "sjf", "slo"] = Field("slo", description="slo: EDF for SLOs, SJF with aging else.")
-    aging_s: float = Field(10.0, gt=0, description="Seconds of waiting worth one predicted-length bucket.")
+    aging_s: float = Field(
+        30.0, gt=0, description="Seconds of waiting worth one predicted-length bucket (a doubling of the length)."
+    )
     max_queue: int = Field(1024, ge=1, description="Requests waiting per engine before back-pressure.")
     on_full: Literal["wait", "reject"] = Field("wait", description="Queue full: wait for room or raise.")
     max_concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight per engine.")

@@ -5,16 +5,15 @@ engine and orders the rest by a single number, the **rank** (lower is served fir
 request arrives (see :func:`queue_rank`):
 
 - ``fcfs``: ``rank = arrival``.
-- ``sjf`` (SSJF with aging): ``rank = arrival + aging_s * log2(1 + predicted_tokens) + class_delay_s[class]``.
-  Every doubling of the predicted length costs ``aging_s`` seconds of queue position, so short jobs go first,
-  and a long job's rank is a fixed point in time that later arrivals cannot undercut forever: a request that
-  arrives after that point ranks behind it. Waiting is therefore bounded without any timer (``max_wait_s``
-  adds a hard bound on top: whoever has waited that long is served next).
-- ``slo`` (default): as ``sjf``, but a request whose SLO sets a time-to-first-token or total latency gets the
-  earlier of its SJF rank and its **latest start time** (``arrival + ttft_s``, or ``arrival + latency_s -
-  predicted_tokens / tokens_per_s``): earliest deadline first among requests with deadlines, SJF for the rest,
-  in one queue. A deadline already missed ranks as ``arrival`` (first in line among its peers, never ahead of
-  the requests that arrived before it with the same urgency).
+- ``sjf`` (SSJF with aging): ``rank = arrival + aging_s * log2(1 + predicted_tokens)``. Every doubling of
+  the predicted length costs ``aging_s`` seconds of queue position, so short jobs go first, and a long job's
+  rank is a fixed point in time that later arrivals cannot undercut forever: a request that arrives after that
+  point ranks behind it. Waiting is therefore bounded without any timer (``max_wait_s`` adds a hard bound on
+  top: whoever has waited that long is served next).
+- ``slo`` (default): the ``sjf`` rank plus ``class_delay_s[priority class]``; and a request whose SLO sets a
+  time-to-first-token or total latency gets the earlier of that and its **latest start time** (``arrival +
+  ttft_s``, or ``arrival + latency_s - predicted_tokens / tokens_per_s``): earliest deadline first among
+  requests with deadlines, SJF for the rest, in one queue. A deadline already missed ranks as ``arrival``.
 
 The rank is also handed to the engine as :attr:`EngineRequest.priority` (milliseconds since the scheduler's start;
 lower is served first, as in vLLM's priority scheduler), so an engine that queues or preempts internally agrees
@@ -74,9 +73,12 @@ def queue_rank(
     """
     if policy == "fcfs":
         return arrival
+    sjf = arrival + config.aging_s * math.log2(1.0 + max(predicted_tokens, 0.0))
+    if policy == "sjf":
+        return sjf
     klass: PriorityClass = slo.priority if slo is not None else "standard"
-    sjf = arrival + config.aging_s * math.log2(1.0 + max(predicted_tokens, 0.0)) + config.class_delay_s[klass]
-    if policy == "sjf" or slo is None:
+    sjf += config.class_delay_s[klass]
+    if slo is None:
         return sjf
     deadline = math.inf
     if slo.ttft_s is not None:

@@ -176,7 +176,7 @@ def test_latency_slo_becomes_a_latest_start_time() -> None:
 
 
 async def test_priority_classes_shift_the_rank() -> None:
-    sched, engine, _ = make("sjf", class_delay_s={"interactive": -20.0, "standard": 0.0, "batch": 60.0})
+    sched, engine, _ = make("slo", class_delay_s={"interactive": -20.0, "standard": 0.0, "batch": 60.0})
     jobs = [
         ("batch", 5, SLO(priority="batch")),
         ("standard", 50, None),
@@ -185,6 +185,14 @@ async def test_priority_classes_shift_the_rank() -> None:
     tasks = await fill(sched, engine, jobs)
     assert sched.queued() == ["interactive", "standard", "batch"]
     await drain(engine, tasks)
+
+
+def test_the_sjf_policy_ignores_classes_and_deadlines() -> None:
+    cfg = ScheduleConfig(aging_s=10.0)
+    plain = queue_rank("sjf", arrival=0.0, predicted_tokens=7, slo=None, config=cfg, tokens_per_s=20)
+    for slo in (SLO(priority="batch"), SLO(priority="interactive", ttft_s=0.5)):
+        assert queue_rank("sjf", arrival=0.0, predicted_tokens=7, slo=slo, config=cfg, tokens_per_s=20) == plain
+    assert plain == 30.0
 
 
 async def test_rank_is_handed_to_the_engine_as_priority() -> None:
