@@ -52,6 +52,7 @@ async def _bench_one(
     dtype: str,
     num_speculative_tokens: int,
     draft_model: str | None,
+    cpu_threads: int | None,
     models_dir: str | os.PathLike[str] | None,
     bar: Any,
 ) -> list[dict[str, Any]]:
@@ -65,6 +66,7 @@ async def _bench_one(
         speculative=speculative,  # type: ignore[arg-type]
         kv_cache_dtype="auto",
         enable_prefix_caching=False,
+        cpu_threads=cpu_threads,
     )
     rows = []
     async with TransformersEngine(config, models_dir=models_dir, name=f"{model}/{method}") as engine:
@@ -84,6 +86,7 @@ async def _bench_one(
                     "prompt": prompt_name,
                     "dtype": engine._dtype_name,
                     "device": engine._device,
+                    "cpu_threads": cpu_threads,
                     "tok_s": statistics.median(rates),
                     "tok_s_runs": rates,
                     "ttft_s": statistics.median(r.timings.ttft_s or 0.0 for r in runs),
@@ -105,6 +108,7 @@ def bench_transformers(
     dtype: str = "auto",
     num_speculative_tokens: int = 4,
     draft_model: str | None = None,
+    cpu_threads: int | None = None,
     models_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -124,6 +128,7 @@ def bench_transformers(
                         dtype=dtype,
                         num_speculative_tokens=num_speculative_tokens,
                         draft_model=draft_model,
+                        cpu_threads=cpu_threads,
                         models_dir=models_dir,
                         bar=bar,
                     )

@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="torch threads (1 when other processes share the cores)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "transformers_speed.json")
     args = parser.parse_args()
 
@@ -45,6 +48,7 @@ def main() -> None:
         except ModelNotFound as exc:
             print(f"skipping {name}: {exc}")
     began = time.time()
+    before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     rows = bench_transformers(
         models,
         methods=args.methods,
@@ -52,6 +56,7 @@ def main() -> None:
         repeats=args.repeats,
         dtype=args.dtype,
         draft_model=args.draft_model,
+        cpu_threads=args.cpu_threads,
     )
     print(format_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +64,8 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version},
         "seconds": time.time() - began,
+        "loadavg_before": before,
+        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
         "rows": rows,
     }
     args.out.write_text(json.dumps(record, indent=2))

@@ -235,6 +235,14 @@ class _StopCriteria:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+def _set_torch_threads(threads: int | None) -> None:
+    """Executor initializer: torch threads of the generation thread (torch also uses it for threads made later)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------ the engine
 
 
@@ -290,7 +298,10 @@ class TransformersEngine(Engine):
                 f"{self.name}: loading {self.model} took over start_timeout_s={self.config.start_timeout_s:.0f} s; "
                 "raise start_timeout_s or use a smaller model"
             ) from exc
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-transformers")
+        threads = self.config.cpu_threads if self._device == "cpu" else None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="echo-transformers", initializer=_set_torch_threads, initargs=(threads,)
+        )
         self._free = GENERATION_SLOTS
 
     def _load(self) -> None:
@@ -492,7 +503,8 @@ class TransformersEngine(Engine):
     async def _health(self) -> str:
         if self._model is None:
             raise EngineUnavailable(f"{self.name} has no model loaded")
-        return f"{self.model} on {self._device} ({self._dtype_name}), {len(self._waiting)} queued"
+        threads = f", {self.config.cpu_threads} threads" if self._device == "cpu" and self.config.cpu_threads else ""
+        return f"{self.model} on {self._device} ({self._dtype_name}{threads}), {len(self._waiting)} queued"
 
     def _timeout_s(self) -> float | None:
         return self.config.timeout_s

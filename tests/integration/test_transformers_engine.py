@@ -379,11 +379,17 @@ async def test_missing_model_folder_names_the_fetch_command(tmp_path: Path) -> N
     assert not health.ok
 
 
-async def test_model_given_as_a_folder(tiny_model_dir: Path) -> None:
+async def test_model_given_as_a_folder_with_one_cpu_thread(tiny_model_dir: Path) -> None:
+    import torch
+
     by_path = TransformersEngine(
-        EngineConfig(backend="transformers", model=str(tiny_model_dir), speculative={"method": "off"})
+        EngineConfig(backend="transformers", model=str(tiny_model_dir), speculative={"method": "off"}, cpu_threads=1)
     )
     async with by_path:
         result = await by_path.generate(_counting(max_tokens=7))
+        if by_path._device == "cpu":
+            assert by_path._executor is not None
+            assert by_path._executor.submit(torch.get_num_threads).result() == 1
+            assert "1 threads" in (await by_path.health()).detail
     assert result.text.startswith(" 11, 12")
     assert not by_path.started
