@@ -176,7 +176,7 @@ def test_latency_slo_becomes_a_latest_start_time() -> None:
 
 
 async def test_priority_classes_shift_the_rank() -> None:
-    sched, engine, _ = make("slo", class_delay_s={"interactive": -20.0, "standard": 0.0, "batch": 60.0})
+    sched, engine, _ = make("slo", aging_s=10.0, class_delay_s={"interactive": -20.0, "standard": 0.0, "batch": 60.0})
     jobs = [
         ("batch", 5, SLO(priority="batch")),
         ("standard", 50, None),
