@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -146,15 +147,24 @@ def split(items: list[Item], train_n: int, test_n: int, seed: int) -> tuple[list
 # ------------------------------------------------------------------------------------------ prediction
 
 
-def embed(texts: Sequence[str]) -> np.ndarray:
+def embed(texts: Sequence[str], cache: Path | None = None) -> np.ndarray:
+    """all-MiniLM-L6-v2 embeddings (unit norm); with ``cache``, reused across runs when the texts are the same."""
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    cached = cache / f"embeddings-{key}.npy" if cache is not None else None
+    if cached is not None and cached.exists():
+        return np.load(cached)
     from sentence_transformers import SentenceTransformer
 
     from echo_middleware.models import model_path
 
     model = SentenceTransformer(str(model_path("all-minilm-l6-v2")), device="cpu")
-    return np.asarray(
+    vectors = np.asarray(
         model.encode(list(texts), batch_size=64, normalize_embeddings=True, show_progress_bar=True), dtype=np.float32
     )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cached, vectors)
+    return vectors
 
 
 def neighbours(
@@ -282,7 +292,7 @@ async def run_trace(
     arrivals: np.ndarray,
     predicted: Sequence[float],
     slos: Sequence[SLO],
-    policy: str,
+    config: ScheduleConfig,
     step: Callable[[int], float],
     prefill_s_per_token: float,
     batch: int,
@@ -294,7 +304,6 @@ async def run_trace(
         lengths={it.id: (it.prompt_tokens, it.true_tokens) for it in trace},
         max_batch=batch,
     )
-    config = ScheduleConfig(policy=policy, max_concurrency=batch, max_queue=100_000)  # type: ignore[arg-type]
     scheduler = Scheduler(engine, config, on_finish=records.append)
     await engine.start()
     loop = asyncio.get_running_loop()
@@ -356,7 +365,7 @@ def write_markdown(result: dict[str, object], path: Path) -> None:
         f"({', '.join(f'{k} {v}' for k, v in result['trace']['by_source'].items())}), "  # type: ignore[index]
         f"mean true output {result['trace']['mean_true_tokens']:.1f} tokens "  # type: ignore[index]
         f"(counted with the {result['trace']['tokenizer']}), Poisson arrivals, seed {result['seed']}.",
-        f"- Engine: {result['engine']['batch']} sequences per batch; step time measured with {cal['model']} "  # type: ignore[index]
+        f"- Engine: {result['engine']['batch']} sequences per batch; step times of {cal['model']} "  # type: ignore[index]
         f"({cal['dtype']}, {cal['torch_threads']} torch threads, {cal['machine']}, {cal['date']}): "
         + ", ".join(
             f"batch {r['batch']}: {r['step_s'] * 1000:.0f} ms/step = {r['tokens_per_s']:.1f} tok/s"
@@ -368,8 +377,10 @@ def write_markdown(result: dict[str, object], path: Path) -> None:
         f"{result['engine']['capacity_rps']:.3f} req/s (throughput with the whole trace queued at once).",  # type: ignore[index]
         f"- SLOs (S = full-batch step = {result['engine']['full_step_s']:.3f} s): interactive TTFT <= 20 S, "  # type: ignore[index]
         "standard latency <= 400 S, batch latency <= 2000 S; classes drawn 30/50/20%.",
-        "- Scheduler: `ScheduleConfig()` defaults (aging_s=10, class delays -20/0/+60 s) with the policy named and "
-        "max_concurrency = batch size.",
+        f"- Scheduler: `ScheduleConfig()` defaults (aging_s={result['scheduler']['aging_s']:g} s per doubling; "  # type: ignore[index]
+        f"class delays {result['scheduler']['class_delay_s']} s, used by the slo policy only) with the policy "  # type: ignore[index]
+        "named, max_concurrency = batch size and an unbounded queue. sjf_* = pure SSJF (lengths + aging); "
+        "slo_predicted = SJF + class delays + EDF for SLO deadlines (the default policy).",
         "",
         "| load (x capacity) | req/s | policy | mean JCT s | p90 JCT s | p99 JCT s | mean TTFT s | max wait s | "
         "SLO attainment | interactive | standard | batch |",
@@ -397,6 +408,22 @@ def write_markdown(result: dict[str, object], path: Path) -> None:
         lines.append(
             f"| {load['utilisation']:.2f} | {load['sjf_predicted']['mean_jct_s'] / f - 1:+.1%} | "
             f"{load['sjf_oracle']['mean_jct_s'] / f - 1:+.1%} | {load['slo_predicted']['mean_jct_s'] / f - 1:+.1%} |"
+        )
+    sweep = result["aging_sweep"]  # type: ignore[index]
+    lines += [
+        "",
+        f"Aging trade-off at load {sweep['runs'][0]['utilisation']:.2f} (sjf_predicted; FCFS: mean JCT "
+        f"{sweep['fcfs_mean_jct_s']:.1f} s, max wait {sweep['fcfs_max_queue_wait_s']:.0f} s): more seconds per "
+        "doubling is closer to pure SJF (lower mean JCT), fewer is closer to FCFS (lower worst-case wait).",
+        "",
+        "| aging_s | mean JCT s | vs FCFS | p90 JCT s | max wait s | SLO attainment |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sweep["runs"]:
+        gain = run["mean_jct_s"] / sweep["fcfs_mean_jct_s"] - 1
+        lines.append(
+            f"| {run['aging_s']:g} | {run['mean_jct_s']:.1f} | {gain:+.1%} | "
+            f"{run['p90_jct_s']:.1f} | {run['max_queue_wait_s']:.0f} | {run['slo_attainment']:.3f} |"
         )
     lines += [
         "",
@@ -451,7 +478,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibration", type=Path, default=RESULTS / "engine_calibration.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=None, help="folder to keep embeddings between runs")
+    parser.add_argument(
+        "--aging-sweep", default="5,10,20,30,60,120", help="aging_s values tried with sjf_predicted at the top load"
+    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite .md and .png from the .json")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((args.out / "scheduler.json").read_text())
+        write_markdown(saved, args.out / "scheduler.md")
+        plot(saved, args.out / "scheduler.png")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
@@ -463,7 +500,7 @@ def main() -> None:
     train, test = split(items, args.train_per_source, args.test_per_source, args.seed)
     print(f"{len(items)} requests with reference answers; train {len(train)}, held-out {len(test)}")
 
-    emb = embed([it.text for it in train + test])
+    emb = embed([it.text for it in train + test], args.cache)
     emb_train, emb_test = emb[: len(train)], emb[len(train) :]
     predicted, predictor_report = evaluate_predictor(train, test, emb_train, emb_test, args.seed)
     ours = predictor_report["variants"]["ours (neighbours + regressor, task label)"]["all"]  # type: ignore[index]
@@ -480,38 +517,62 @@ def main() -> None:
     prefill = float(calib["prefill_s_per_token"])  # type: ignore[arg-type]
     full_step = step(args.batch)
     slos = [slo_of(CLASSES[c], full_step) for c in classes]
+
+    def cfg(policy: str, **extra: object) -> ScheduleConfig:
+        """Defaults, apart from the policy, one slot per batch sequence and an unbounded queue."""
+        return ScheduleConfig(policy=policy, max_concurrency=args.batch, max_queue=100_000, **extra)  # type: ignore[arg-type]
+
     mean_tokens = float(np.mean(true_trace))
     mean_prompt = float(np.mean([it.prompt_tokens for it in trace]))
     # Capacity: the throughput of the simulated engine when every request of the trace is there at once.
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         _, makespan = runner.run(
-            run_trace(trace, np.zeros(len(trace)), [1.0] * len(trace), slos, "fcfs", step, prefill, args.batch)
+            run_trace(trace, np.zeros(len(trace)), [1.0] * len(trace), slos, cfg("fcfs"), step, prefill, args.batch)
         )
     capacity = len(trace) / makespan
     source_of = {it.id: it.source for it in trace}
 
     loads = [float(x) for x in args.loads.split(",")]
-    results = []
-    runs = [(u, name) for u in loads for name in POLICIES]
-    bar = tqdm(runs, desc="loads x policies")
-    by_load: dict[float, dict[str, object]] = {}
-    for u, name in bar:
-        bar.set_postfix_str(f"load {u:.2f} {name}")
-        rate = u * capacity
-        gaps = np.random.default_rng(args.seed + int(u * 1000)).exponential(1.0 / rate, size=len(trace))
-        arrivals = np.cumsum(gaps) - gaps[0]
-        policy, lengths = POLICIES[name]
+    sweep = [float(x) for x in args.aging_sweep.split(",") if x]
+
+    unit_gaps = np.random.default_rng(args.seed + 1).exponential(1.0, size=len(trace))
+
+    def arrivals_at(u: float) -> np.ndarray:
+        """Poisson arrivals at ``u`` x capacity; the same draws scaled, so loads differ only in their rate."""
+        gaps = unit_gaps / (u * capacity)
+        return np.cumsum(gaps) - gaps[0]
+
+    def simulate(u: float, config: ScheduleConfig, lengths: str) -> dict[str, object]:
         given = pred_trace if lengths == "predicted" else true_trace if lengths == "true" else [1.0] * len(trace)
         with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-            records, makespan = runner.run(run_trace(trace, arrivals, given, slos, policy, step, prefill, args.batch))
-        entry = by_load.setdefault(u, {"arrival_rate": rate, "utilisation": u})
-        entry[name] = {**summarise(records, source_of), "makespan_s": makespan}
-    for u in loads:
-        results.append(by_load[u])
+            records, makespan = runner.run(
+                run_trace(trace, arrivals_at(u), given, slos, config, step, prefill, args.batch)
+            )
+        return {**summarise(records, source_of), "makespan_s": makespan}
+
+    runs: list[tuple[float, str, float | None]] = [(u, name, None) for u in loads for name in POLICIES]
+    runs += [(max(loads), "sjf_predicted", a) for a in sweep]
+    by_load: dict[float, dict[str, object]] = {}
+    aging_sweep = []
+    bar = tqdm(runs, desc="loads x policies")
+    for u, name, aging in bar:
+        bar.set_postfix_str(f"load {u:.2f} {name}" + (f" aging_s={aging:g}" if aging else ""))
+        policy, lengths = POLICIES[name]
+        if aging is None:
+            entry = by_load.setdefault(u, {"arrival_rate": u * capacity, "utilisation": u})
+            entry[name] = simulate(u, cfg(policy), lengths)
+        else:
+            aging_sweep.append({"aging_s": aging, "utilisation": u, **simulate(u, cfg(policy, aging_s=aging), lengths)})
+    results = [by_load[u] for u in loads]
 
     result: dict[str, object] = {
         "loads": results,
         "predictor": predictor_report,
+        "aging_sweep": {
+            "fcfs_mean_jct_s": results[-1]["fcfs"]["mean_jct_s"],  # type: ignore[index]
+            "fcfs_max_queue_wait_s": results[-1]["fcfs"]["max_queue_wait_s"],  # type: ignore[index]
+            "runs": aging_sweep,
+        },
         "calibration": calib,
         "engine": {
             "batch": args.batch,
@@ -528,6 +589,7 @@ def main() -> None:
             "tokenizer": tokenizer_name,
             "class_share": dict(zip(CLASSES, CLASS_SHARE, strict=True)),
         },
+        "scheduler": {"aging_s": ScheduleConfig().aging_s, "class_delay_s": ScheduleConfig().class_delay_s},
         "seed": args.seed,
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scheduler.py " + " ".join(sys.argv[1:]),
         "wall_s": time.time() - began,
