@@ -210,6 +210,10 @@ class RouteConfig(_Section):
     fallback_to_small: bool = Field(True, description="If the large model fails, answer with the small one.")
 
 
+def _class_delays(interactive: float, standard: float, batch: float) -> dict[PriorityClass, float]:
+    return {"interactive": interactive, "standard": standard, "batch": batch}
+
+
 SpeculationMode = Literal["always", "unless_saturated", "never"]
 """Per priority class: speculate always, only while the engine has room, or never."""
 
@@ -245,7 +249,7 @@ class ScheduleConfig(_Section):
         None, gt=0, description="A request still queued after this long fails with EngineTimeout (None: never)."
     )
     class_delay_s: dict[PriorityClass, float] = Field(
-        default_factory=lambda: {"interactive": -20.0, "standard": 0.0, "batch": 60.0},
+        default_factory=lambda: _class_delays(-20.0, 0.0, 60.0),
         description="Seconds added to a request's rank per priority class (negative: served sooner).",
     )
     default_tokens_per_s: float = Field(

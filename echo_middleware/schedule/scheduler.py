@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from echo_middleware.config import ScheduleConfig
@@ -278,7 +278,7 @@ class Scheduler:
         predicted_tokens: float | None,
         slo: SLO | None,
         holder: list[_Ticket],
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         ticket = self._ticket(request, predicted_tokens, slo)
         holder.append(ticket)
         await self._wait_turn(ticket)
@@ -289,7 +289,7 @@ class Scheduler:
             spec = self._speculation_policy()
             ticket.speculation = spec.for_request(ticket.slo, self.load()) if spec is not None else None
             with speculation_scope(ticket.speculation):
-                async with contextlib.aclosing(self.engine.stream(ticket.engine_request)) as deltas:
+                async with _closing(self.engine.stream(ticket.engine_request)) as deltas:
                     async for delta in deltas:
                         if delta.text and ticket.first is None:
                             ticket.first = self._now()
@@ -519,6 +519,17 @@ class Scheduler:
         if self._clock is not None:
             return self._clock()
         return asyncio.get_running_loop().time()
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[StreamDelta]) -> AsyncGenerator[AsyncIterator[StreamDelta], None]:
+    """Close an engine's stream when the block ends, so a consumer that leaves aborts the generation at once."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
