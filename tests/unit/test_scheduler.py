@@ -435,3 +435,34 @@ async def test_the_engine_sees_the_speculation_decision_of_its_request() -> None
         await no_spec.start()
     await Scheduler(no_spec, ScheduleConfig()).submit(req("x"), 5, SLO(priority="interactive"))
     assert no_spec.hints["x"].enabled is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("policy", ["sjf", "slo"])
+def test_no_later_arrival_can_overtake_a_request_forever(policy: str) -> None:
+    """The bounded-wait argument of docs/scheduling.md, checked on random requests.
+
+    Every rank lies in [arrival + low, arrival + high] for fixed offsets, so a request that arrives after
+    ``rank_i - low`` ranks behind request i: only the finitely many earlier arrivals can be served before it.
+    """
+    import math
+    import random
+
+    cfg = ScheduleConfig(aging_s=30.0)
+    max_tokens = 1024
+    low = min(0.0, min(cfg.class_delay_s.values()) + cfg.aging_s) if policy == "slo" else cfg.aging_s
+    high = cfg.aging_s * math.log2(1 + max_tokens) + (max(cfg.class_delay_s.values()) if policy == "slo" else 0.0)
+    rng = random.Random(7)
+    requests = []
+    for _ in range(2000):
+        arrival = rng.uniform(0, 1000)
+        slo = rng.choice(
+            [None, SLO(priority="batch"), SLO(priority="interactive", ttft_s=rng.uniform(0.1, 50)), SLO(latency_s=5)]
+        )
+        pred = rng.uniform(1, max_tokens)
+        rank = queue_rank(policy, arrival=arrival, predicted_tokens=pred, slo=slo, config=cfg, tokens_per_s=20)
+        assert arrival + low - 1e-9 <= rank <= arrival + high + 1e-9
+        requests.append((arrival, rank))
+    for _, rank_i in requests[:200]:
+        for arrival_j, rank_j in requests:
+            if arrival_j > rank_i - low:
+                assert rank_j > rank_i
