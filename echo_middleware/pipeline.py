@@ -88,6 +88,8 @@ class _Plan:
     fallback: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     used: list[Candidate] = field(default_factory=list)
+    prediction: Any = None
+    embedding: Any = None
 
     def rows(self, candidates: Sequence[Candidate]) -> np.ndarray | None:
         if self.ranking is None or not candidates:
@@ -143,6 +145,12 @@ class EchoPipeline:
         embedder: The sentence embedder (default: from ``settings.embed``).
         ranker: The utility ranker (default: ``settings.rank.kind`` with the shipped weights).
         policy: The offload policy (default: from ``settings.route``, calibrated on the ranker's pairs).
+        predictor: A :class:`~echo_middleware.predict.LengthPredictor` (or ``True`` for one from
+            ``settings.predict``): predicts each answer's length from its neighbours (``Decision.predicted_length``)
+            and learns from every answer; None: no prediction.
+        scheduling: Put a :class:`~echo_middleware.schedule.Scheduler` (``settings.schedule``) in front of each
+            engine: shortest predicted job first with aging, SLO deadlines, bounded queues; the router then sees
+            the scheduler's queue in the large engine's load, and ``Decision.queue_wait_s`` is measured.
         seed: Seed of the learner's sampling (shadow checks, probes), for reproducible runs.
 
     Nothing is loaded or connected here; :meth:`start` (or the first request) does it. :meth:`close` closes what
@@ -159,6 +167,8 @@ class EchoPipeline:
         embedder: Any = None,
         ranker: Ranker | None = None,
         policy: OffloadPolicy | None = None,
+        predictor: Any = None,
+        scheduling: bool = False,
         seed: int | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, EchoSettings):
@@ -174,6 +184,10 @@ class EchoPipeline:
         self._ranker = ranker
         self._policy = policy
         self._seed = seed
+        self._predictor = predictor
+        self._scheduling = scheduling
+        self._schedulers: dict[str, Any] = {}
+        self._queue_wait: dict[str, float] = {}
         self._owned: list[Any] = []
         self._learner: Learner | None = None
         self._started = False
@@ -189,10 +203,11 @@ class EchoPipeline:
 
         Example: ``EchoPipeline.from_defaults(small={"model": "smollm2-135m-instruct"}, route={"threshold": 0.8})``.
         Component keyword arguments of :class:`EchoPipeline` (``large``, ``small``, ``store``, ``embedder``,
-        ``ranker``, ``policy``, ``seed``) may be passed here too when they are not settings.
+        ``ranker``, ``policy``, ``predictor``, ``scheduling``, ``seed``) may be passed here too when they are not
+        settings.
         """
         components = {}
-        for key in ("ranker", "policy", "embedder", "seed"):
+        for key in ("ranker", "policy", "embedder", "seed", "predictor", "scheduling"):
             if key in overrides:
                 components[key] = overrides.pop(key)
         for key in ("large", "small", "store"):
@@ -246,6 +261,16 @@ class EchoPipeline:
     def store(self) -> Any:
         """The example store (None until :meth:`start` opened the default one)."""
         return self._store
+
+    @property
+    def predictor(self) -> Any:
+        """The length predictor (None when the pipeline does not predict lengths)."""
+        return self._predictor
+
+    @property
+    def schedulers(self) -> dict[str, Any]:
+        """The per-engine schedulers by role (``large``, ``small``); empty unless ``scheduling=True``."""
+        return dict(self._schedulers)
 
     @property
     def learner(self) -> Learner | None:
@@ -308,15 +333,24 @@ class EchoPipeline:
                 start = getattr(self._store, "start", None)
                 if start is not None:
                     await start()
-            results = await asyncio.gather(large.start(), small.start(), return_exceptions=True)
-            if isinstance(results[0], BaseException):
-                raise results[0]
-            if isinstance(results[1], BaseException):
-                if not isinstance(results[1], Exception):
-                    raise results[1]
-                self._small_error = _short(results[1])
+            # One after the other: two engines importing their backend in two threads at once can see a
+            # half-initialised module (transformers raised ImportError that way).
+            await large.start()
+            try:
+                await small.start()
+            except Exception as exc:  # the large model answers everything; each decision says why
+                self._small_error = _short(exc)
                 logger.warning("small engine unavailable, the large model answers everything: %s", self._small_error)
             self.policy.attach_calibration(self.ranker.calibration)
+            if self._predictor is True:
+                from echo_middleware.predict import LengthPredictor
+
+                self._predictor = LengthPredictor(self.settings.predict)
+            if self._scheduling and not self._schedulers:
+                from echo_middleware.schedule import Scheduler
+
+                for role, engine in (("large", large), ("small", small)):
+                    self._schedulers[role] = Scheduler(engine, self.settings.schedule, on_finish=self._finished)
             self._learner = Learner(
                 self.settings.learn,
                 store=self._store,
@@ -325,8 +359,8 @@ class EchoPipeline:
                 ranker=self.ranker,
                 policy=self.policy,
                 seed=self._seed,
-                large_busy=lambda: self._inflight["large"] > 0,
-                small_busy=lambda: self._inflight["small"] > 0,
+                large_busy=lambda: self._busy("large"),
+                small_busy=lambda: self._busy("small"),
             )
             if self._store is not None:
                 self._learner.start()
@@ -340,6 +374,12 @@ class EchoPipeline:
         if self._learner is not None:
             await self._learner.close()
             self._learner = None
+        for scheduler in self._schedulers.values():
+            try:
+                await scheduler.close()
+            except Exception:
+                logger.exception("closing the scheduler of %s failed", scheduler.name)
+        self._schedulers.clear()
         if self._ranker is not None:
             try:
                 await asyncio.to_thread(self._ranker.save)
@@ -518,7 +558,7 @@ class EchoPipeline:
             usage: Usage | None = None
             self._inflight[role] += 1
             try:
-                async with contextlib.aclosing(engine.stream(engine_request)) as deltas:
+                async with contextlib.aclosing(self._stream_on(role, engine, engine_request, plan)) as deltas:
                     async for delta in deltas:
                         if delta.text:
                             texts.append(delta.text)
@@ -545,6 +585,34 @@ class EchoPipeline:
                 request_id=request.request_id, finish_reason=finish or "stop", usage=usage, decision=decision
             )
             return
+
+    def _stream_on(self, role: str, engine: Engine, request: EngineRequest, plan: _Plan) -> AsyncIterator[Any]:
+        """The engine's stream, through its scheduler when the pipeline schedules."""
+        scheduler = self._schedulers.get(role)
+        if scheduler is None:
+            return engine.stream(request)
+        predicted = None if plan.prediction is None else plan.prediction.tokens
+        return scheduler.stream(request, predicted_tokens=predicted, slo=plan.request.slo)
+
+    def _finished(self, finished: Any) -> None:
+        """Scheduler callback: remember how long a request waited in the queue, for its decision."""
+        self._queue_wait[finished.request_id] = float(finished.queue_wait_s)
+        if len(self._queue_wait) > 10_000:
+            self._queue_wait.clear()
+
+    def _busy(self, role: str) -> bool:
+        if self._inflight[role] > 0:
+            return True
+        scheduler = self._schedulers.get(role)
+        return scheduler is not None and (scheduler.waiting + scheduler.running) > 0
+
+    def _load(self, role: str) -> Any:
+        scheduler = self._schedulers.get(role)
+        return (
+            scheduler.load()
+            if scheduler is not None
+            else (self.large_engine if role == "large" else self.small_engine).load()
+        )
 
     def _fallback_role(self, plan: _Plan, role: str, exc: Exception, emitted: bool, tried: set[str]) -> str | None:
         """Which engine answers after ``role`` failed with ``exc``, noting why in the plan; None: re-raise."""
@@ -639,8 +707,17 @@ class EchoPipeline:
             ranked = plan.ranking.candidates
             best_utility = ranked[0].utility if ranked else None
             plan.selected = select_examples(ranked, self.settings.rank.min_utility, self.settings.rank.max_examples)
+        if self._predictor is not None:
+            began = time.monotonic()
+            try:
+                plan.prediction = await asyncio.to_thread(
+                    self._predictor.predict, plan.query.text, candidates, embedding=plan.embedding
+                )
+            except Exception as exc:  # a guess that fails only costs the ordering
+                logger.warning("request %s: length prediction failed: %s", request.request_id, _short(exc))
+            plan.stage_s["predict"] = time.monotonic() - began
         began = time.monotonic()
-        large_load = self.large_engine.load()
+        large_load = self._load("large")
         plan.route = self.policy.decide(request, plan.selected, large_load, best_utility=best_utility, note=note)
         plan.stage_s["route"] = time.monotonic() - began
         logger.debug("request %s: %s", request.request_id, plan.route.reason)
@@ -657,6 +734,7 @@ class EchoPipeline:
                 began = time.monotonic()
                 vectors = await self._embedder.aembed([text])
                 embedding = vectors[0]
+                plan.embedding = embedding
                 plan.stage_s["embed"] = time.monotonic() - began
             began = time.monotonic()
             if embedding is not None:
@@ -706,8 +784,14 @@ class EchoPipeline:
                 learner.stats.store_failures += 1
                 logger.warning("request %s: learning failed: %s", request.request_id, _short(exc))
                 plan.notes.append(f"not learned: store failed ({_short(exc)})")
+        if self._predictor is not None and plan.prediction is not None and finish in ("stop", "length"):
+            try:
+                self._predictor.observe(plan.prediction, usage.completion_tokens)
+            except Exception as exc:
+                logger.warning("request %s: length predictor update failed: %s", request.request_id, _short(exc))
         plan.stage_s["learn"] = time.monotonic() - began
         offloaded = role == "small"
+        queue_wait = self._queue_wait.pop(f"{request.request_id}-{role}", 0.0)
         reason = route.reason
         if plan.notes:
             reason = f"{reason}; " + "; ".join(plan.notes)
@@ -720,6 +804,8 @@ class EchoPipeline:
             examples=[ExampleUse(id=c.example.id, distance=c.distance, utility=c.utility) for c in shown],
             predicted_quality=route.predicted_quality,
             threshold=route.threshold,
+            predicted_length=None if plan.prediction is None else float(plan.prediction.tokens),
+            queue_wait_s=queue_wait,
             engine=engine.name,
             model=engine.model,
             stage_s={k: round(v, 6) for k, v in plan.stage_s.items()},

@@ -164,6 +164,7 @@ class Learner:
         self._large_busy = large_busy or (lambda: False)
         self._small_busy = small_busy or (lambda: False)
         self._closing = False
+        self._busy = False
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -188,12 +189,25 @@ class Learner:
         """Look for idle engines now instead of at the next poll."""
         self._wake.set()
 
-    @property
+    async def drain(self, timeout_s: float = 600.0) -> bool:
+        """Wait until every queued shadow check and probe is done (engines must go idle for that).
+
+        Returns:
+            True when nothing is pending any more, False when ``timeout_s`` passed first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._pending or self._probes or self._busy:
+            if loop.time() >= deadline or self._task is None or self._task.done():
+                return False
+            self.wake()
+            await asyncio.sleep(0.02)
+        return True
+
     def pending_checks(self) -> int:
         """Shadow checks waiting for the large engine to be idle."""
         return len(self._pending)
 
-    @property
     def pending_probes(self) -> int:
         """Probes waiting for the small engine to be idle."""
         return len(self._probes)
@@ -298,12 +312,20 @@ class Learner:
     async def step(self) -> bool:
         """Do one unit of background work if an engine is idle; returns whether anything was done."""
         if self.config.replay_when_idle and self._idle(self.large, self._large_busy):
-            items = await self.store.pop_replay(1)
-            if items:
-                await self._replay(items[0])
-                return True
+            self._busy = True
+            try:
+                items = await self.store.pop_replay(1)
+                if items:
+                    await self._replay(items[0])
+                    return True
+            finally:
+                self._busy = False
         if self._probes and self._idle(self.small, self._small_busy):
-            await self._probe(self._probes.popleft())
+            self._busy = True
+            try:
+                await self._probe(self._probes.popleft())
+            finally:
+                self._busy = False
             return True
         return False
 

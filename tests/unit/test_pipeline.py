@@ -452,3 +452,53 @@ def test_rows_of_used_examples_are_kept_for_learning() -> None:
     model = pipeline.ranker
     assert isinstance(model, UtilityRanker)
     assert isinstance(model.model.coef, np.ndarray)
+
+
+# ------------------------------------------------------------------------ length prediction and scheduling
+
+
+async def test_length_predictor_fills_the_decision_and_learns() -> None:
+    from echo_middleware.predict import LengthPredictor
+
+    pipeline, _large, _small, _store = make()
+    pipeline._predictor = LengthPredictor()
+    try:
+        first = await pipeline.agenerate(ask())
+        assert first.decision.predicted_length is not None
+        assert "predict" in first.decision.stage_s
+        assert pipeline.predictor.observations == 1
+        second = await pipeline.agenerate(ask())  # the stored neighbour's length now informs the guess
+        assert second.decision.predicted_length is not None
+        assert pipeline.predictor.observations == 2
+    finally:
+        await pipeline.close()
+
+
+async def test_schedulers_sit_in_front_of_the_engines_and_report_queue_wait() -> None:
+    large = ScriptedEngine("large", large_answer)
+    small = ScriptedEngine("small", copy_example)
+    large.delay_s = 0.005
+    pipeline = EchoPipeline.from_defaults(
+        large=large,
+        small=small,
+        store=MemoryStore(),
+        ranker=similarity_ranker(),
+        predictor=True,
+        scheduling=True,
+        route={"threshold": 0.8},
+        learn={"shadow_rate": 0.0, "probe_rate": 0.0},
+        schedule={"max_concurrency": 1},
+    )
+    try:
+        results = await pipeline.abatch([ask(f"Question {i} about thing {i}") for i in range(4)], max_concurrency=4)
+        assert set(pipeline.schedulers) == {"large", "small"}
+        assert all(not r.decision.offloaded for r in results)
+        waits = [r.decision.queue_wait_s for r in results]
+        assert max(waits) > 0  # one slot: three of four requests waited in the scheduler's queue
+        assert all(r.decision.predicted_length is not None for r in results)
+        snapshot = pipeline.schedulers["large"].metrics.snapshot()
+        assert snapshot["all"]["requests"] == 4  # type: ignore[index]
+        assert snapshot["all"]["outcomes"] == {"ok": 4}  # type: ignore[index]
+    finally:
+        await pipeline.close()
+    assert pipeline.schedulers == {}
