@@ -57,6 +57,7 @@ def render_workload_table(results: dict[str, Any], workload: str) -> str:
         "offload",
         "capacity (req/s)",
         "x always-large",
+        "x always-large (CPU s)",
         f"p50 s @{rate}x",
         f"p90 s @{rate}x",
         "large tokens",
@@ -74,6 +75,7 @@ def render_workload_table(results: dict[str, Any], workload: str) -> str:
             _f(row["offload_rate"], pct=True),
             _f(row["capacity_rps"], 3),
             _f(row["speedup_vs_large"]),
+            _f(row.get("speedup_vs_large_cpu")),
             _f(load.get("p50_latency_s"), 1),
             _f(load.get("p90_latency_s"), 1),
             _f(row["large_token_share"], pct=True),
@@ -112,6 +114,22 @@ def render_load_table(results: dict[str, Any], workload: str) -> str:
         for r in rates:
             x = load[r]
             cells.append(f"{_f(x['throughput_rps'], 3)}, {_f(x['p50_latency_s'], 1)} / {_f(x['p90_latency_s'], 1)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_sweep_table(results: dict[str, Any], workload: str) -> str:
+    """The semantic cache at other thresholds (replayed): hit rates by kind and quality retention."""
+    rows = results["workloads"][workload].get("semantic_sweep") or []
+    if not rows:
+        return ""
+    kinds = [k for k in ("fresh", "paraphrase", "repeat", "trap") if f"hit_rate_{k}" in rows[0]]
+    head = ["cosine threshold", "hits", *[f"hits on {k}" for k in kinds], "quality retention"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"{row['threshold']:g}", _f(row["hit_rate"], pct=True)]
+        cells += [_f(row.get(f"hit_rate_{k}"), pct=True) for k in kinds]
+        cells.append(_f(row["quality_retention"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,6 +219,15 @@ def render_markdown(results: dict[str, Any]) -> str:
             render_load_table(results, workload),
             "",
         ]
+        sweep = render_sweep_table(results, workload)
+        if sweep:
+            parts += [
+                "The semantic cache at other thresholds (replayed over the same embeddings and always-large's "
+                "answers; on traps every hit is a false reuse):",
+                "",
+                sweep,
+                "",
+            ]
     parts += ["## README table", "", render_readme_table(results), ""]
     return "\n".join(parts)
 
