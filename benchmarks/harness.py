@@ -61,17 +61,24 @@ SYSTEMS = (
     "echo",
     "echo-fcfs",
     "echo-nospec",
+    "echo-similarity",
 )
 """Every system the harness knows. ``echo-fcfs`` is echo's run replayed first-come-first-served (no extra
-generation); ``echo-nospec`` is echo on engines with speculative decoding off (a second run)."""
+generation); ``echo-nospec`` is echo on engines with speculative decoding off; ``echo-similarity`` is echo with
+the similarity-only ranker (same routing): the utility ranker's contribution alone."""
+DEFAULT_SYSTEMS = SYSTEMS[:-1]
+"""What a run compares unless ``--system`` says otherwise (``echo-similarity`` costs a run more; ask for it)."""
 SUMMARY_SYSTEMS = ("always-large", "always-small", "semantic-cache", "similarity-examples", "echo")
-SJF_SYSTEMS = ("echo", "echo-nospec")
+SJF_SYSTEMS = ("echo", "echo-nospec", "echo-similarity")
 """Replayed shortest-predicted-job-first (the pipeline predicts lengths); the others first-come-first-served."""
 
 FULL_SIZES = {"qa": (60, 40), "math": (12, 8), "open": (12, 8), "traps": (24, 24)}
 """(warm-up, eval) requests per workload in a full run, sized to finish in about 30 minutes on 2 CPU cores."""
 QUICK_SIZES = {"qa": (6, 4), "math": (3, 2), "open": (3, 2), "traps": (4, 4)}
 QUICK_MAX_TOKENS = {"qa": 16, "math": 48, "open": 32, "traps": 24}
+QUICK_SEED = 7
+"""The quick mode's default seed: its tiny slices then hold paraphrases (qa), traps and controls (traps), so CI
+exercises every kind."""
 DEFAULT_RATES = (0.5, 0.8, 1.2)
 """Arrival rates as multiples of always-large's capacity on the same workload (so they mean the same load on
 any machine): light, busy, overloaded."""
@@ -85,7 +92,7 @@ class BenchConfig:
     workloads: list[str]
     out: Path
     quick: bool = False
-    systems: list[str] = dataclasses.field(default_factory=lambda: list(SYSTEMS))
+    systems: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     large: str = "qwen2.5-coder-1.5b-instruct"
     small: str = "qwen2.5-coder-0.5b-instruct"
     backend: str = "transformers"
@@ -250,6 +257,15 @@ def make_system(name: str, engines: EngineSet, embedder: Any, config: BenchConfi
             embedder=embedder,
             seed=config.seed,
             description="every request to the small model with the nearest stored examples (no routing)",
+        )
+    if name == "echo-similarity":
+        return PipelineSystem(
+            engines,
+            name,
+            overrides={"rank": {"kind": "similarity"}},
+            embedder=embedder,
+            seed=config.seed,
+            description="echo-middleware pipeline with the similarity-only ranker (same calibrated routing)",
         )
     if name in ("echo", "echo-nospec"):
         return PipelineSystem(

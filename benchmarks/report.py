@@ -23,6 +23,7 @@ ORDER = (
     "echo",
     "echo-fcfs",
     "echo-nospec",
+    "echo-similarity",
 )
 SUMMARY_SYSTEMS = ("always-large", "always-small", "semantic-cache", "similarity-examples", "echo")
 

@@ -426,9 +426,8 @@ class PipelineSystem(System):
         embedder: The embedder to share (loaded once per run).
         seed: Seed of the learner's sampling.
         settle_timeout_s: Most seconds to wait for background learning after each request.
-        predict_lengths: When the pipeline's decision carries no ``predicted_length``, predict it here with the
-            package's :class:`~echo_middleware.predict.LengthPredictor` (text features and the request's
-            embedding, learned online from the warm-up and every answer), so shortest-job-first can be replayed.
+        scheduling: Give the pipeline its per-engine schedulers and length predictor, as deployed: the router
+            sees the queue, and each decision carries ``predicted_length``, by which the replay orders SJF.
     """
 
     def __init__(
@@ -442,28 +441,24 @@ class PipelineSystem(System):
         seed: int = 0,
         description: str = "",
         settle_timeout_s: float = 600.0,
-        predict_lengths: bool = True,
+        scheduling: bool = True,
     ) -> None:
         super().__init__(engines)
         from echo_middleware.pipeline import EchoPipeline
 
         self.name = name
-        self.embedder = embedder
-        self.predictor: Any = None
-        self.predicted_by = "pipeline"
-        if predict_lengths:
-            from echo_middleware.predict import LengthPredictor
-
-            self.predictor = LengthPredictor()
         self.description = description
         self.offload = offload
         self.settle_timeout_s = settle_timeout_s
+        self.scheduling = scheduling
         self._tmp = tempfile.TemporaryDirectory(prefix=f"echo-bench-{name}-")
         settings = dict(overrides or {})
         store = dict(settings.pop("store", {}) or {})
         store["path"] = self._tmp.name
         self.overrides = {**settings, "store": store}
         components: dict[str, Any] = {"large": engines.large, "small": engines.small, "seed": seed}
+        if scheduling:
+            components.update(predictor=True, scheduling=True)
         if embedder is not None:
             components["embedder"] = embedder
         self.pipeline = EchoPipeline.from_defaults(**self.overrides, **components)
@@ -484,32 +479,16 @@ class PipelineSystem(System):
         tenant = self.pipeline.settings.tenant
         for item, generation in pairs:
             await learner.store_answer(tenant, self._request(item, "never"), generation)
-            if self.predictor is not None:
-                guess = await self._predict(item)
-                self.predictor.observe(guess, generation.usage.completion_tokens)
-
-    async def _predict(self, item: Item) -> Any:
-        vector = None
-        if self.embedder is not None:
-            vector = (await asyncio.to_thread(self.embedder.embed, [item.prompt]))[0]
-        return self.predictor.predict(item.prompt, embedding=vector)
 
     async def _answer(self, item: Item) -> Outcome:
-        guess = await self._predict(item) if self.predictor is not None else None
         result = await self.pipeline.agenerate(self._request(item))
         decision = result.decision
-        predicted = decision.predicted_length
-        if guess is not None:
-            self.predictor.observe(guess, result.usage.completion_tokens)
-            if predicted is None:
-                predicted = guess.tokens
-                self.predicted_by = "harness (echo_middleware.predict.LengthPredictor)"
         return Outcome(
             item.id,
             result.text,
             "small" if decision.offloaded else "large",
             0.0,
-            predicted_tokens=predicted,
+            predicted_tokens=decision.predicted_length,
             n_examples=len(decision.examples),
             finish_reason=result.finish_reason,
             decision=decision.model_dump(mode="json"),
@@ -519,20 +498,8 @@ class PipelineSystem(System):
         learner = self.pipeline.learner
         if learner is None:
             return
-        deadline = time.monotonic() + self.settle_timeout_s
-        await asyncio.sleep(0)
-        while time.monotonic() < deadline:
-            busy = (
-                learner.pending_checks()
-                + learner.pending_probes()
-                + len(self.engines.large.in_flight())
-                + len(self.engines.small.in_flight())
-            )
-            if busy == 0:
-                return
-            learner.wake()
-            await asyncio.sleep(0.05)
-        logger.warning("%s: background learning still busy after %.0f s", self.name, self.settle_timeout_s)
+        if not await learner.drain(self.settle_timeout_s):
+            logger.warning("%s: background learning still busy after %.0f s", self.name, self.settle_timeout_s)
 
     async def close(self) -> None:
         await self.pipeline.close()
@@ -544,7 +511,8 @@ class PipelineSystem(System):
             **super().describe(),
             "overrides": _jsonable(self.overrides),
             "offload": self.offload,
-            "length_predictions": self.predicted_by,
+            "scheduling": self.scheduling,
+            "length_predictions": "pipeline (LengthPredictor)" if self.pipeline.predictor is not None else None,
         }
 
 

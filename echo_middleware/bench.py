@@ -40,8 +40,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--system",
         action="append",
-        help="system to run (repeat; default: all): always-large, always-small, semantic-cache, "
-        "similarity-examples, echo, echo-fcfs, echo-nospec",
+        help="system to run (repeat; default: all but echo-similarity): always-large, always-small, "
+        "semantic-cache, similarity-examples, echo, echo-fcfs, echo-nospec, echo-similarity",
     )
     parser.add_argument("--large", default=None, help="large model (default: qwen2.5-coder-1.5b-instruct)")
     parser.add_argument("--small", default=None, help="small model (default: qwen2.5-coder-0.5b-instruct)")
@@ -57,7 +57,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="WORKLOAD=WARMUP,EVAL",
         help="requests per workload, e.g. qa=60,40 (repeat)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of traces, arrivals and sampling")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of traces, arrivals and sampling (default 0; --quick: 7)"
+    )
     parser.add_argument(
         "--rates",
         default=None,
@@ -121,14 +123,14 @@ def build_config(args: argparse.Namespace, harness: Any, benchmarks: Path) -> An
         workloads=workloads,
         out=args.out or benchmarks / "results",
         quick=args.quick,
-        systems=list(dict.fromkeys(args.system or harness.SYSTEMS)),
+        systems=list(dict.fromkeys(args.system or harness.DEFAULT_SYSTEMS)),
         large=large,
         small=small,
         backend=args.backend,
         dtype=args.dtype,
         speculative=args.speculative,
         sizes=_sizes(args.size),
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else (harness.QUICK_SEED if args.quick else 0),
         rates=rates,
         headline_rate=headline_rate,
         semantic_threshold=args.semantic_threshold,

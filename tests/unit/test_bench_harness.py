@@ -290,3 +290,17 @@ def test_tables_render_every_system() -> None:
 
 def test_clean_turns_nan_into_null() -> None:
     assert report._clean({"a": [math.nan, 1.0, math.inf]}) == {"a": [None, 1.0, None]}
+
+
+def test_qa_trace_leaves_out_the_rows_the_ranker_was_trained_on() -> None:
+    import json
+
+    data = BENCH / "data"
+    pairs = [json.loads(x) for x in (data / "entityquestions" / "paraphrase_pairs_dev.jsonl").read_text().splitlines()]
+    nq = [json.loads(x) for x in (data / "nq_open" / "NQ-open.dev.jsonl").read_text().splitlines()]
+    trained = {r["question"] for r in pairs[::4]} | {r["paraphrase"] for r in pairs[::4]}
+    trained_nq = {r["question"].strip().rstrip("?").lower() for r in nq[::4]}
+    trace = workloads.build_trace("qa", 200, 100, seed=0)
+    for item in trace.items:
+        assert item.prompt not in trained
+        assert item.prompt.rstrip("?").lower() not in trained_nq
