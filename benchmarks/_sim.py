@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from echo_middleware.engines.base import Engine
-from echo_middleware.types import EngineRequest, FeatureStatus, StreamDelta, Usage
+from echo_middleware.types import EngineLoad, EngineRequest, FeatureStatus, StreamDelta, Usage
 
 
 class _VirtualSelector:
@@ -96,6 +96,11 @@ class SimulatedEngine(Engine):
             "speculative_ngram": FeatureStatus(requested=False, enabled=False, detail="not simulated"),
         }
         self._stepper = asyncio.create_task(self._run())
+
+    def load(self) -> EngineLoad:
+        """The base class measures decode speed on the wall clock, which virtual time leaves near zero; report the
+        modelled per-sequence speed of a full batch instead (what the scheduler uses for latency deadlines)."""
+        return super().load().model_copy(update={"tokens_per_s": 1.0 / self.step_s(self.max_batch)})
 
     async def _close(self) -> None:
         if self._stepper is not None:
