@@ -47,6 +47,10 @@ Async:
     .. code-block:: python
 
         response = await Settings.llm.achat([ChatMessage(role="user", content="Hi")], offload="never")
+
+Per-call options (``tenant=``, ``slo=``, ``offload=``, sampling) go in the call kwargs of ``chat`` / ``complete``
+and their variants. Query and chat engines call the LLM without them: give those engines a per-tenant copy,
+which shares the pipeline (``index.as_query_engine(llm=llm.model_copy(update={"tenant": "team-a"}))``).
 """
 
 from __future__ import annotations
