@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from replay import Job, capacity_rps, simulate, summarize
-from scoring import FALLBACK_PRIMARY, PRIMARY, Judge, mean, retention, score_item
+from scoring import FALLBACK_PRIMARY, PRIMARY, Judge, mean, percentile, retention, score_item
 from systems import (
     AlwaysLarge,
     AlwaysSmall,
@@ -110,6 +110,8 @@ class BenchConfig:
     command: str = ""
     use_cache: bool = True
     progress: bool = True
+    live: list[str] = dataclasses.field(default_factory=list)
+    """Systems also run live (concurrently, wall clock) at the headline rate, to check the replay."""
 
     def size(self, workload: str) -> tuple[int, int]:
         """(warm-up, eval) requests of ``workload``."""
@@ -302,6 +304,47 @@ async def run_interleaved(
                 outcome = Outcome(item.id, "", "error", 0.0, error=f"{type(exc).__name__}: {exc}")
             outcomes[name].append(outcome)
     return outcomes
+
+
+async def run_live(
+    system: System, trace: Trace, pairs: Sequence[tuple[Item, Any]], times: Sequence[float], config: BenchConfig
+) -> dict[str, Any]:
+    """Send the eval stream to a fresh system at its arrival times, concurrently, and time each answer.
+
+    This is the check on the replay: the same arrivals, but real concurrency (the pipeline's schedulers, the
+    engine's queue, background learning in whatever idle time there is) and the wall clock.
+    """
+    await system.warm(pairs)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    bar = tqdm(total=len(times), desc=f"{trace.workload}: {system.name} live", disable=not config.progress, leave=False)
+
+    async def one(item: Item, at: float) -> tuple[Outcome, float, float]:
+        delay = start + at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        arrived = loop.time()
+        try:
+            outcome = await system._answer(item)
+        except Exception as exc:  # reported, not raised: one failure does not end the run
+            outcome = Outcome(item.id, "", "error", 0.0, error=f"{type(exc).__name__}: {exc}")
+        bar.update()
+        return outcome, arrived - start, loop.time() - start
+
+    done = await asyncio.gather(*(one(item, at) for item, at in zip(trace.eval, times, strict=True)))
+    bar.close()
+    await system.settle()
+    latencies = [finish - arrived for _, arrived, finish in done]
+    span = max(finish for *_, finish in done) - min(arrived for _, arrived, _ in done)
+    return {
+        "n": len(done),
+        "errors": sum(1 for o, *_ in done if o.error),
+        "throughput_rps": len(done) / span if span > 0 else math.nan,
+        "p50_latency_s": percentile(latencies, 50),
+        "p90_latency_s": percentile(latencies, 90),
+        "offload_rate": sum(1 for o, *_ in done if o.route in ("small", "cache")) / max(1, len(done)),
+        "max_lateness_s": max(arrived - at for (_, arrived, _), at in zip(done, times, strict=True)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -579,6 +622,10 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     names = [s for s in config.systems if s != "echo-fcfs"]
     engine_sets: dict[str, EngineSet] = {}
     warm: dict[str, Sequence[tuple[Item, Any]]] = {}
+    live: dict[str, dict[str, Any]] = {}
+    unknown = [s for s in config.live if s not in SYSTEMS or s == "echo-fcfs"]
+    if unknown:
+        raise ValueError(f"cannot run {unknown} live: use systems among {', '.join(SYSTEMS)} (not echo-fcfs)")
     judged = False
     judge_stats: dict[str, int] = {}
     try:
@@ -601,6 +648,19 @@ async def run(config: BenchConfig) -> dict[str, Any]:
                     systems_info[name] = system.describe()
                     await system.close()
             print(f"{workload}: {len(names)} systems done ({time.monotonic() - began:.0f} s)", flush=True)
+            if config.live:
+                large_capacity = capacity_rps([o.service_s for o in outcomes[workload]["always-large"]])
+                rate = config.headline_rate * large_capacity
+                times = arrivals(len(trace.eval), rate, seed=config.seed)
+                live[workload] = {}
+                for name in config.live:
+                    engines = engine_sets.get("nospec", default) if name == "echo-nospec" else default
+                    system = make_system(name, engines, embedder, config)
+                    try:
+                        live[workload][name] = {"rate_rps": rate, **await run_live(system, trace, pairs, times, config)}
+                    finally:
+                        await system.close()
+                    print(f"{workload}: {name} live done ({time.monotonic() - began:.0f} s)", flush=True)
         judge = None
         if config.judge and any(t.eval[0].metric == "open" for t in traces.values()):
             from echo_middleware.models import model_path
@@ -631,6 +691,12 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             "primary_metric": primary_metric(workload, judged),
             "systems": aggregate(trace, outcomes[workload], config, judged),
         }
+        if workload in live:
+            block = results["workloads"][workload]
+            for name, row in live[workload].items():
+                replayed = block["systems"].get(name, {}).get("load", {}).get(f"{config.headline_rate:g}", {})
+                row["replayed"] = {k: replayed.get(k) for k in ("throughput_rps", "p50_latency_s", "p90_latency_s")}
+            block["live"] = live[workload]
         if "semantic-cache" in config.systems:
             metric = primary_metric(workload, judged)
             results["workloads"][workload]["semantic_sweep"] = semantic_sweep(

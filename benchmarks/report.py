@@ -119,6 +119,32 @@ def render_load_table(results: dict[str, Any], workload: str) -> str:
     return "\n".join(lines)
 
 
+def render_live_table(results: dict[str, Any], workload: str) -> str:
+    """Live (wall-clock, concurrent) latency against the replayed figures at the same arrivals."""
+    live = results["workloads"][workload].get("live") or {}
+    if not live:
+        return ""
+    head = ["system", "rate (req/s)", "live p50 / p90 s", "replayed p50 / p90 s", "live req/s", "replayed req/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in live.items():
+        rep = row.get("replayed") or {}
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    _f(row["rate_rps"], 3),
+                    f"{_f(row['p50_latency_s'], 1)} / {_f(row['p90_latency_s'], 1)}",
+                    f"{_f(rep.get('p50_latency_s'), 1)} / {_f(rep.get('p90_latency_s'), 1)}",
+                    _f(row["throughput_rps"], 3),
+                    _f(rep.get("throughput_rps"), 3),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def render_sweep_table(results: dict[str, Any], workload: str) -> str:
     """The semantic cache at other thresholds (replayed): hit rates by kind and quality retention."""
     rows = results["workloads"][workload].get("semantic_sweep") or []
@@ -220,6 +246,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             render_load_table(results, workload),
             "",
         ]
+        live = render_live_table(results, workload)
+        if live:
+            parts += [
+                "Live check: the same arrivals sent concurrently on the wall clock, against the replay:",
+                "",
+                live,
+                "",
+            ]
         sweep = render_sweep_table(results, workload)
         if sweep:
             parts += [

@@ -70,6 +70,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--semantic-impl", default="auto", choices=["auto", "gptcache", "chroma"], help="semantic cache backend"
     )
     parser.add_argument("--no-judge", action="store_true", help="skip the LLM judge (open text uses similarity)")
+    parser.add_argument(
+        "--live",
+        action="append",
+        default=[],
+        metavar="SYSTEM",
+        help="also run SYSTEM live (concurrent requests, wall clock) at the headline rate, to check the replay",
+    )
     parser.add_argument("--headline", default=None, help="workload of summary.json (default: the first one run)")
     parser.add_argument("--no-cache", action="store_true", help="regenerate the warm-up answers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -139,6 +146,7 @@ def build_config(args: argparse.Namespace, harness: Any, benchmarks: Path) -> An
         headline=args.headline or workloads[0],
         command=args.command_line or "echo-middleware bench",
         use_cache=not args.no_cache,
+        live=list(dict.fromkeys(args.live)),
         progress=not args.no_progress,
     )
 
