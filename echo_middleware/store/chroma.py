@@ -331,6 +331,7 @@ class ChromaExampleStore(BaseExampleStore):
         self._cols: dict[str, Any] = {}
         self._cols_lock = threading.Lock()
         self._writers: dict[str, _Writer] = {}
+        self._chroma_max_batch: int | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ opening
@@ -765,10 +766,13 @@ class ChromaExampleStore(BaseExampleStore):
         return out
 
     def _max_batch(self) -> int:
-        try:
-            return int(self._open_sync().get_max_batch_size())
-        except Exception:
-            return self.config.max_batch
+        """The most rows Chroma takes in one call (asked once; a server may allow fewer than embedded)."""
+        if self._chroma_max_batch is None:
+            try:
+                self._chroma_max_batch = int(self._open_sync().get_max_batch_size())
+            except Exception:  # older servers: the configured size
+                self._chroma_max_batch = self.config.max_batch
+        return self._chroma_max_batch
 
     def _add_chunk(self, col: Any, examples: list[Example], vectors: np.ndarray, dedupe: bool) -> list[str]:
         """Upsert one chunk; with dedupe, fold near-identical requests (in the chunk and in the store) together."""
