@@ -56,6 +56,7 @@ from echo_middleware.types import (
     Generation,
     Message,
     Usage,
+    new_request_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class _Plan:
     used: list[Candidate] = field(default_factory=list)
     prediction: Any = None
     embedding: Any = None
+    engine_ids: dict[str, str] = field(default_factory=dict)
 
     def rows(self, candidates: Sequence[Candidate]) -> np.ndarray | None:
         if self.ranking is None or not candidates:
@@ -671,7 +673,7 @@ class EchoPipeline:
         if slo is not None and slo.latency_s is not None and factor:
             deadline = time.time() + slo.latency_s * factor - (time.monotonic() - plan.began)
         return EngineRequest(
-            request_id=f"{request.request_id}-{role}",
+            request_id=plan.engine_ids.setdefault(role, f"{request.request_id}-{role}-{new_request_id()[:6]}"),
             messages=messages,
             params=request.params,
             priority=priority,
@@ -791,7 +793,7 @@ class EchoPipeline:
                 logger.warning("request %s: length predictor update failed: %s", request.request_id, _short(exc))
         plan.stage_s["learn"] = time.monotonic() - began
         offloaded = role == "small"
-        queue_wait = self._queue_wait.pop(f"{request.request_id}-{role}", 0.0)
+        queue_wait = self._queue_wait.pop(plan.engine_ids.get(role, ""), 0.0)
         reason = route.reason
         if plan.notes:
             reason = f"{reason}; " + "; ".join(plan.notes)

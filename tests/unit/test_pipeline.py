@@ -502,3 +502,11 @@ async def test_schedulers_sit_in_front_of_the_engines_and_report_queue_wait() ->
     finally:
         await pipeline.close()
     assert pipeline.schedulers == {}
+
+
+async def test_the_same_request_object_can_be_answered_twice_at_once(pipe: tuple) -> None:
+    pipeline, large, *_ = pipe
+    request = ask("A question asked twice at the same time", offload="never")
+    first, second = await pipeline.abatch([request, request], max_concurrency=2)
+    assert first.text == second.text
+    assert len({r.request_id for r in large.requests}) == 2  # distinct engine request ids
