@@ -527,17 +527,15 @@ class OpenAIEngine(Engine):
         self._calls[rid] = call
         url, body = self._payload(request)
         aborted = asyncio.ensure_future(call.aborted.wait())
+        opening: asyncio.Future[httpx.Response] | None = None
+        reading: asyncio.Future[str] | None = None
         try:
             opening = asyncio.ensure_future(
                 self._with_retries(lambda: self._open(url, body, rid), what=f"POST {url} ({rid})")
             )
             await asyncio.wait({opening, aborted}, return_when=asyncio.FIRST_COMPLETED)
             if not opening.done():
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    response = await opening
-                    await response.aclose()
-                return  # aborted: the base class raises Cancelled with the reason
+                return  # aborted while connecting: the base class raises Cancelled with the reason
             call.response = response = opening.result()
             chat = "messages" in body
             finish: FinishReason | None = None
@@ -548,10 +546,7 @@ class OpenAIEngine(Engine):
                 reading = asyncio.ensure_future(lines.__anext__())
                 await asyncio.wait({reading, aborted}, return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
-                    reading.cancel()
-                    with contextlib.suppress(BaseException):
-                        await reading
-                    return
+                    return  # aborted: the finally below closes the stream
                 try:
                     line = reading.result()
                 except StopAsyncIteration:
@@ -606,6 +601,14 @@ class OpenAIEngine(Engine):
         finally:
             aborted.cancel()
             self._calls.pop(rid, None)
+            for pending in (reading, opening):  # cancelled, aborted or past the deadline while waiting on these
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+            opened = opening is not None and opening.done() and not opening.cancelled()
+            if call.response is None and opened and opening.exception() is None:  # type: ignore[union-attr]
+                call.response = opening.result()  # type: ignore[union-attr]  # opened just as it was given up
             if call.response is not None:
                 with contextlib.suppress(Exception):
                     await call.response.aclose()  # closing the connection makes vLLM abort the request

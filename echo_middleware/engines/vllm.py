@@ -146,7 +146,7 @@ def _stat_logger_factory(stats: VLLMStats) -> Any:
 
     ref = weakref.ref(stats)
 
-    class _EchoStatLogger(StatLoggerBase):  # type: ignore[misc]
+    class _EchoStatLogger(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             self.engine_index = engine_index
 
@@ -181,13 +181,12 @@ def fp8_kv_refusal(head_size: int, kv_cache_dtype: str) -> str | None:
     """
     import torch
 
-    try:
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-    except ImportError:
-        _get_attn_isa = None
-    if _get_attn_isa is not None:
+    check: Any = None
+    with contextlib.suppress(ImportError):
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa as check
+    if check is not None:
         try:
-            _get_attn_isa(torch.float32, 128, head_size, kv_cache_dtype)
+            check(torch.float32, 128, head_size, kv_cache_dtype)
         except NotImplementedError as exc:
             return str(exc)
         except Exception as exc:  # a changed signature: fall back to the rule below

@@ -7,7 +7,9 @@ priority) is tested against a real vLLM server in tests/integration/test_openai_
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 
 from echo_middleware.config import EngineConfig
 from echo_middleware.engines.openai import OpenAIEngine, parse_metrics, server_message
-from echo_middleware.errors import ConfigError, EngineError, EngineUnavailable
+from echo_middleware.errors import Cancelled, ConfigError, EngineError, EngineTimeout, EngineUnavailable
 from echo_middleware.types import EngineRequest, Message, SamplingParams
 
 BASE = "http://llm.test:8000/v1"
@@ -256,3 +258,68 @@ def test_base_url_is_required() -> None:
     config = EngineConfig(backend="transformers", model=MODEL)
     with pytest.raises(ConfigError, match="base_url is required"):
         OpenAIEngine(config)
+
+
+class Stuck(httpx.AsyncByteStream):
+    """One token, then nothing until closed (a server that stalls mid-answer)."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def __aiter__(self) -> Any:
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n'
+        await self.closed.wait()
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+async def test_cancel_mid_stream_closes_the_response() -> None:
+    stuck = Stuck()
+    script = Script([lambda _r: httpx.Response(200, stream=stuck), _ok])
+    async with _engine(script) as engine:
+        request = _request().model_copy(update={"request_id": "stalled"})
+
+        async def consume() -> None:
+            async for _delta in engine.stream(request):
+                assert await engine.cancel("stalled", reason="client gone")
+
+        with pytest.raises(Cancelled, match="client gone"):
+            await consume()
+        assert stuck.closed.is_set()  # the connection is closed: vLLM aborts the request
+        assert engine.in_flight() == []
+        assert (await engine.generate(_request())).text == "Hello there"  # still usable
+
+
+async def test_deadline_while_waiting_for_tokens_closes_the_response() -> None:
+    stuck = Stuck()
+    script = Script([lambda _r: httpx.Response(200, stream=stuck)])
+    async with _engine(script) as engine:
+        with pytest.raises(EngineTimeout):
+            await engine.generate(_request().model_copy(update={"deadline": time.time() + 0.5}))
+    assert stuck.closed.is_set()
+
+
+async def test_cancel_while_connecting() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        if request.url.path != "/v1/chat/completions":
+            return httpx.Response(404)
+        await release.wait()  # the server never sends its headers
+        return _ok(request)
+
+    engine = OpenAIEngine(
+        EngineConfig(backend="openai", model=MODEL, base_url=BASE), transport=httpx.MockTransport(slow)
+    )
+    async with engine:
+        task = asyncio.create_task(engine.generate(_request().model_copy(update={"request_id": "connecting"})))
+        for _ in range(100):
+            if "connecting" in engine.in_flight():
+                break
+            await asyncio.sleep(0.01)
+        assert await engine.cancel("connecting", reason="hedge lost")
+        with pytest.raises(Cancelled, match="hedge lost"):
+            await task
