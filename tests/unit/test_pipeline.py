@@ -1,6 +1,6 @@
 """EchoPipeline on scripted engines and an in-memory store: routing, fallbacks, streaming, learning, sync wrappers.
 
-The engines and the store are fakes (the real ones run in tests/integration/test_pipeline.py); everything else is
+The engines and the store are fakes (the real ones run in tests/integration/test_pipeline_real.py); everything else is
 the real pipeline: ranker, policy, prompt assembly, learner.
 """
 
