@@ -190,6 +190,9 @@ class RankConfig(_Section):
     )
 
 
+_CLASS_BIAS_WEIGHT: dict[PriorityClass, float] = {"interactive": 1.0, "standard": 0.5, "batch": 0.0}
+
+
 class RouteConfig(_Section):
     """The offload policy: when the small model with examples answers instead of the large one."""
 
@@ -199,7 +202,7 @@ class RouteConfig(_Section):
     load_gamma: float = Field(1.0, gt=0, le=100, description="How fast the bias grows with overload (tanh).")
     offload_without_examples: bool = Field(False, description="Offload even with no usable example.")
     class_bias_weight: dict[PriorityClass, float] = Field(
-        default_factory=lambda: {"interactive": 1.0, "standard": 0.5, "batch": 0.0},
+        default_factory=lambda: dict(_CLASS_BIAS_WEIGHT),
         description="Share of the load bias each priority class gets when it has no explicit SLO.",
     )
     calibration_window: int = Field(2000, ge=10, description="Most recent measured outcomes kept for calibration.")

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -208,7 +208,7 @@ class EchoPipeline:
         ``ranker``, ``policy``, ``predictor``, ``scheduling``, ``seed``) may be passed here too when they are not
         settings.
         """
-        components = {}
+        components: dict[str, Any] = {}
         for key in ("ranker", "policy", "embedder", "seed", "predictor", "scheduling"):
             if key in overrides:
                 components[key] = overrides.pop(key)
@@ -588,13 +588,14 @@ class EchoPipeline:
             )
             return
 
-    def _stream_on(self, role: str, engine: Engine, request: EngineRequest, plan: _Plan) -> AsyncIterator[Any]:
+    def _stream_on(self, role: str, engine: Engine, request: EngineRequest, plan: _Plan) -> AsyncGenerator[Any, None]:
         """The engine's stream, through its scheduler when the pipeline schedules."""
         scheduler = self._schedulers.get(role)
         if scheduler is None:
-            return engine.stream(request)
+            # Engine.stream is an async generator (it has aclose) though typed as an iterator
+            return engine.stream(request)  # type: ignore[return-value]
         predicted = None if plan.prediction is None else plan.prediction.tokens
-        return scheduler.stream(request, predicted_tokens=predicted, slo=plan.request.slo)
+        return scheduler.stream(request, predicted_tokens=predicted, slo=plan.request.slo)  # type: ignore[no-any-return,unused-ignore]
 
     def _finished(self, finished: Any) -> None:
         """Scheduler callback: remember how long a request waited in the queue, for its decision."""
