@@ -810,42 +810,50 @@ class ChromaExampleStore(BaseExampleStore):
         roots = list(merged)
         stored = int(self._call(f"count {col.name}", col.count)) if dedupe and roots else 0
         if stored:
+            # Distances only for every new request; the few rows near enough are then read in full.
             found = self._call(
                 f"dedupe lookup in {col.name}",
-                lambda: col.query(
-                    query_embeddings=vectors[roots],
-                    n_results=min(3, stored),
-                    include=["documents", "metadatas", "distances", "embeddings"],
-                ),
+                lambda: col.query(query_embeddings=vectors[roots], n_results=min(3, stored), include=["distances"]),
             )
+            near: dict[int, list[tuple[str, float]]] = {}
             for pos, r in enumerate(roots):
-                new = merged[r]
-                match = None
-                for rank, (eid, dist) in enumerate(zip(found["ids"][pos], found["distances"][pos], strict=True)):
-                    if eid == new.id or dist > distance:
+                for eid, dist in zip(found["ids"][pos], found["distances"][pos], strict=True):
+                    if eid == merged[r].id or dist > distance:
                         break  # the example itself (an overwrite), or nothing near enough
-                    if self._same_request(found["documents"][pos][rank], new.request):
-                        match = rank
-                        break
+                    near.setdefault(r, []).append((eid, float(dist)))
+            rows: dict[str, tuple[Example, np.ndarray]] = {}
+            wanted = sorted({eid for pairs in near.values() for eid, _ in pairs})
+            if wanted:
+                got = self._call(
+                    f"dedupe read in {col.name}",
+                    lambda: col.get(ids=wanted, include=["documents", "metadatas", "embeddings"]),
+                )
+                for k, eid in enumerate(got["ids"]):
+                    rows[eid] = (
+                        from_record(examples[0].tenant, eid, got["documents"][k], got["metadatas"][k]),
+                        np.asarray(got["embeddings"][k], dtype=np.float32),
+                    )
+            for r in roots:
+                new = merged[r]
+                match = next(
+                    (
+                        (eid, d)
+                        for eid, d in near.get(r, [])
+                        if eid in rows and self._same_request(rows[eid][0].request, new.request)
+                    ),
+                    None,
+                )
                 if match is None:
                     records[new.id] = (new, vectors[r])
                     final_id[r] = new.id
                     continue
-                existing_id = found["ids"][pos][match]
-                if existing_id in records:
-                    existing, existing_vector = records[existing_id]
-                else:
-                    existing = from_record(
-                        new.tenant, existing_id, found["documents"][pos][match], found["metadatas"][pos][match]
-                    )
-                    existing_vector = np.asarray(found["embeddings"][pos][match], dtype=np.float32)
+                existing_id = match[0]
+                existing, existing_vector = records.get(existing_id) or rows[existing_id]
                 combined = merge_examples(existing, new, keep_id=existing_id)
                 vector = existing_vector if combined.request == existing.request else vectors[r]
                 records[existing_id] = (combined, vector)
                 final_id[r] = existing_id
-                logger.debug(
-                    "dedupe: %s merged into %s (distance %.4f)", new.id, existing_id, found["distances"][pos][match]
-                )
+                logger.debug("dedupe: %s merged into %s (distance %.4f)", new.id, existing_id, match[1])
         else:
             for r in roots:
                 records[merged[r].id] = (merged[r], vectors[r])
