@@ -139,26 +139,34 @@ def cached_embeddings(
     chunk: int = 2048,
     progress: str = "embed",
 ) -> np.ndarray:
-    """Embeddings of ``texts``, computed once in chunks and kept in ``cache_dir`` (resumable, keyed by content).
+    """Embeddings of ``texts``; each text is embedded once and kept in ``cache_dir`` across runs.
 
-    Each chunk file is named by the hash of its texts, so a larger pool reuses the chunks of a smaller one as long
-    as the order is the same (it is: the pool is built deterministically, tiers in order).
+    The cache is a set of chunks: ``emb_<hash>.npy`` (vectors) beside ``emb_<hash>.json`` (their texts). Every
+    cached text is reused whatever list it came in, so a run over 1k texts reuses what a 100k run embedded.
     """
     from tqdm import tqdm
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    starts = range(0, len(texts), chunk)
+    known: dict[str, np.ndarray] = {}
+    for names_path in sorted(cache_dir.glob("emb_*.json")):
+        vectors_path = names_path.with_suffix(".npy")
+        if not vectors_path.is_file():
+            continue
+        names = json.loads(names_path.read_text(encoding="utf-8"))
+        vectors = np.load(vectors_path)
+        if len(names) == len(vectors):
+            known.update(zip(names, vectors, strict=True))
+    missing = [t for t in dict.fromkeys(texts) if t not in known]
+    starts = range(0, len(missing), chunk)
     for start in tqdm(starts, desc=progress, unit="chunk", disable=len(starts) < 2):
-        block = list(texts[start : start + chunk])
+        block = missing[start : start + chunk]
+        vectors = np.asarray(embed(block), dtype=np.float32)
         key = hashlib.sha256("\x00".join(block).encode()).hexdigest()[:24]
-        path = cache_dir / f"emb_{key}.npy"
-        if path.is_file():
-            vectors = np.load(path)
-        else:
-            vectors = np.asarray(embed(block), dtype=np.float32)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, vectors)
-            tmp.replace(path)
-        parts.append(vectors)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+        vectors_tmp = cache_dir / f".emb_{key}.npy"
+        np.save(vectors_tmp, vectors)
+        (cache_dir / f"emb_{key}.json").write_text(json.dumps(block), encoding="utf-8")
+        vectors_tmp.replace(cache_dir / f"emb_{key}.npy")
+        known.update(zip(block, vectors, strict=True))
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
