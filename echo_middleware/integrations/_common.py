@@ -693,6 +693,44 @@ def parse_tool_calls(text: str, known: Sequence[str] = ()) -> tuple[str, list[To
     return remaining, calls
 
 
+def coerce_arguments(calls: list[ToolCall], tools: Sequence[Mapping[str, Any]]) -> list[ToolCall]:
+    """Give each call's top-level arguments the JSON types its tool declares (``"6"`` -> ``6`` for an integer).
+
+    Small local models often quote numbers and booleans; native tool-calling APIs return them typed, and tools
+    that do not validate their input (LlamaIndex's ``FunctionTool``) would otherwise get strings. Values that do
+    not convert are left as they are, for the tool's own validation to report.
+    """
+    schemas = {t.get("function", {}).get("name"): t.get("function", {}).get("parameters", {}) for t in tools}
+    for call in calls:
+        properties = (schemas.get(call.name) or {}).get("properties") or {}
+        for key, value in list(call.arguments.items()):
+            kind = (properties.get(key) or {}).get("type")
+            if isinstance(value, str):
+                call.arguments[key] = _convert(value, kind)
+    return calls
+
+
+def _convert(value: str, kind: Any) -> Any:
+    text = value.strip()
+    try:
+        if kind == "integer" and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if kind == "number" and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+            return float(text)
+    except ValueError:
+        return value
+    if kind == "boolean" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if kind in ("array", "object") and text[:1] in "[{":
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return value
+        if isinstance(parsed, list if kind == "array" else dict):
+            return parsed
+    return value
+
+
 def _as_call(raw: str) -> ToolCall | None:
     raw = raw.strip()
     if raw.startswith("```"):

@@ -96,6 +96,7 @@ from echo_middleware.integrations._common import (
     PipelineHandle,
     ToolCall,
     WrappedModelEngine,
+    coerce_arguments,
     configured_copy,
     merge_call_options,
     parse_tool_calls,
@@ -579,6 +580,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
         text, calls = result.text, []
         if tooling.get("tools"):
             text, calls = parse_tool_calls(result.text, [t["function"]["name"] for t in tooling["tools"]])
+            calls = coerce_arguments(calls, tooling["tools"])
         return AIMessage(
             content=text,
             tool_calls=[_lc_tool_call(c) for c in calls],

@@ -97,6 +97,7 @@ from echo_middleware.integrations._common import (
     Piece,
     PipelineHandle,
     WrappedModelEngine,
+    coerce_arguments,
     configured_copy,
     merge_call_options,
     parse_tool_calls,
@@ -481,8 +482,10 @@ class EchoLLM(FunctionCallingLLM):
         kwargs.pop("formatted", None)
         return merge_call_options(defaults, kwargs, stop=stop, owner="EchoLLM", allowed_extra=TOOL_KWARGS)
 
-    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
-        """The pipeline request of a chat call, and the names of the tools offered (empty without tools)."""
+    def _chat_request(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """The pipeline request of a chat call, and the tools offered (OpenAI tool dicts; empty without tools)."""
         options, tooling = self._options(dict(kwargs))
         echo_messages = to_echo_messages(messages)
         tools = tooling.get("tools") or []
@@ -490,9 +493,8 @@ class EchoLLM(FunctionCallingLLM):
             choice = tooling.get("tool_choice") or ("required" if tooling.get("tool_required") else None)
             echo_messages = with_tools_prompt(echo_messages, tools_system_prompt(tools, choice))
             options.requires_large = True
-            names = [t["function"]["name"] for t in tools]
-            options.metadata["tools"] = names
-            return options.request(echo_messages), names
+            options.metadata["tools"] = [t["function"]["name"] for t in tools]
+            return options.request(echo_messages), list(tools)
         return options.request(echo_messages), []
 
     def _completion_request(self, prompt: str, kwargs: dict[str, Any]) -> Any:
@@ -505,10 +507,11 @@ class EchoLLM(FunctionCallingLLM):
             return None
         return {k: v for k, v in kwargs.items() if k != DELEGATE}
 
-    def _chat_response(self, result: EchoResult, tools: list[str]) -> ChatResponse:
+    def _chat_response(self, result: EchoResult, tools: list[dict[str, Any]]) -> ChatResponse:
         text, extra = result.text, {}
         if tools:
-            text, calls = parse_tool_calls(result.text, tools)
+            text, calls = parse_tool_calls(result.text, [t["function"]["name"] for t in tools])
+            calls = coerce_arguments(calls, tools)
             extra = {"tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]}
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=text, additional_kwargs=extra),

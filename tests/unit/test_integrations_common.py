@@ -11,7 +11,9 @@ import pytest
 from echo_middleware._sync import background_loop
 from echo_middleware.errors import ConfigError
 from echo_middleware.integrations._common import (
+    ToolCall,
     aiter_on_background,
+    coerce_arguments,
     configured_copy,
     merge_call_options,
     on_background,
@@ -90,6 +92,31 @@ def test_tools_prompt_joins_an_existing_system_message() -> None:
     assert merged[0].content == "Be brief.\n\nT"
     fresh = with_tools_prompt([Message(role="user", content="hi")], "T")
     assert [(m.role, m.content) for m in fresh] == [("system", "T"), ("user", "hi")]
+
+
+def test_quoted_arguments_get_the_declared_types() -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "n": {"type": "integer"},
+                    "x": {"type": "number"},
+                    "ok": {"type": "boolean"},
+                    "tags": {"type": "array"},
+                    "s": {"type": "string"},
+                    "bad": {"type": "integer"},
+                },
+            },
+        },
+    }
+    args = {"n": "6", "x": "2.5", "ok": "True", "tags": '["a"]', "s": "7", "bad": "six", "extra": "1"}
+    (call,) = coerce_arguments([ToolCall(name="f", arguments=dict(args))], [tool])
+    assert call.arguments == {"n": 6, "x": 2.5, "ok": True, "tags": ["a"], "s": "7", "bad": "six", "extra": "1"}
+    (other,) = coerce_arguments([ToolCall(name="unknown", arguments={"n": "6"})], [tool])
+    assert other.arguments == {"n": "6"}
 
 
 # --------------------------------------------------------------------------------- call options
