@@ -510,3 +510,20 @@ async def test_the_same_request_object_can_be_answered_twice_at_once(pipe: tuple
     first, second = await pipeline.abatch([request, request], max_concurrency=2)
     assert first.text == second.text
     assert len({r.request_id for r in large.requests}) == 2  # distinct engine request ids
+
+
+async def test_replay_items_without_a_pending_check_are_answered_and_stored_when_idle() -> None:
+    store = MemoryStore()
+    await store.push_replay("default", "What is the capital of France?", None, 0.9)
+    pipeline, large, _small, _ = make(store=store, learn={"shadow_rate": 0.0, "probe_rate": 0.0, "idle_poll_s": 0.01})
+    try:
+        await pipeline.start()
+        learner = pipeline.learner
+        assert learner is not None
+        await until(lambda: learner.stats.replayed == 1)
+        assert store.count() == 1
+        stored = next(iter(store.examples["default"].values()))
+        assert stored.response == LARGE_ANSWER
+        assert large.requests[-1].priority >= 1_000_000
+    finally:
+        await pipeline.close()
