@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from echo_middleware.store.base import (
     validate_text,
     validate_utility,
 )
-from echo_middleware.store.chroma import from_record, replay_id, to_record
+from echo_middleware.store.chroma import _Writer, from_record, replay_id, to_record
 from echo_middleware.types import Example, Message
 
 DAY = 86_400.0
@@ -193,3 +195,26 @@ def test_replay_ids_normalise_the_request_per_tenant() -> None:
     assert replay_id("a", "Why is the sky  blue") == replay_id("a", "why is the sky blue")
     assert replay_id("a", "why is the sky blue") != replay_id("b", "why is the sky blue")
     assert replay_id("a", "why is the sky blue") != replay_id("a", "why is the sea blue")
+
+
+async def test_writer_batches_concurrent_operations_in_order() -> None:
+    batches: list[list[tuple[str, int]]] = []
+    gate = threading.Event()
+
+    def apply(ops: list) -> list:  # type: ignore[type-arg]
+        gate.wait(5)
+        batches.append([(op.kind, op.payload) for op in ops])
+        return [ValueError("bad") if op.payload == 3 else op.payload * 10 for op in ops]
+
+    writer = _Writer(apply)
+    first = asyncio.create_task(writer.submit("add", 0))
+    await asyncio.sleep(0.05)  # the writer has taken the first batch (held at the gate in its thread)
+    rest = [asyncio.create_task(writer.submit("use", i)) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await first == 0
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    assert results[:2] == [10, 20]
+    assert isinstance(results[2], ValueError)
+    assert results[3:] == [40, 50]
+    assert batches == [[("add", 0)], [("use", i) for i in range(1, 6)]]  # queued callers became one batch
