@@ -36,7 +36,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         choices=["qa", "math", "open", "traps"],
         help="workload to run (repeat for several; default: all four)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: benchmarks/results, --quick: .../quick)"
+    )
     parser.add_argument(
         "--system",
         action="append",
@@ -128,7 +130,8 @@ def build_config(args: argparse.Namespace, harness: Any, benchmarks: Path) -> An
         raise ConfigError(f"--headline {args.headline!r} is not among the workloads run ({', '.join(workloads)})")
     return harness.BenchConfig(
         workloads=workloads,
-        out=args.out or benchmarks / "results",
+        # A quick run never overwrites the full run's results (the README's table comes from those).
+        out=args.out or (benchmarks / "results" / ("quick" if args.quick else "")),
         quick=args.quick,
         systems=list(dict.fromkeys(args.system or harness.DEFAULT_SYSTEMS)),
         large=large,
