@@ -113,6 +113,9 @@ class BenchConfig:
     command: str = ""
     use_cache: bool = True
     progress: bool = True
+    trace_knobs: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Overrides of :func:`workloads.build_trace`'s ``repeat_p``, ``paraphrase_p``, ``zipf_s`` for every workload
+    (sweep how much of the traffic resembles earlier traffic)."""
     live: list[str] = dataclasses.field(default_factory=list)
     """Systems also run live (concurrently, wall clock) at the headline rate, to check the replay."""
 
@@ -620,7 +623,8 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     if "always-large" not in config.systems:
         config.systems.insert(0, "always-large")
     traces = {
-        w: build_trace(w, *config.size(w), seed=config.seed, max_tokens=config.tokens(w)) for w in config.workloads
+        w: build_trace(w, *config.size(w), seed=config.seed, max_tokens=config.tokens(w), **config.trace_knobs)
+        for w in config.workloads
     }
     for trace in traces.values():
         logger.info("trace %s", describe(trace))

@@ -60,6 +60,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="requests per workload, e.g. qa=60,40 (repeat)",
     )
     parser.add_argument(
+        "--repeat-p", type=float, default=None, help="share of verbatim repeats (default: the recipe's 0.03)"
+    )
+    parser.add_argument(
+        "--paraphrase-p",
+        type=float,
+        default=None,
+        help="chance a question with a second wording gets it asked later (default: qa 1.0)",
+    )
+    parser.add_argument("--zipf-s", type=float, default=None, help="Zipf exponent over task types (default 1.0)")
+    parser.add_argument(
         "--seed", type=int, default=None, help="seed of traces, arrivals and sampling (default 0; --quick: 7)"
     )
     parser.add_argument(
@@ -150,6 +160,11 @@ def build_config(args: argparse.Namespace, harness: Any, benchmarks: Path) -> An
         command=args.command_line or "echo-middleware bench",
         use_cache=not args.no_cache,
         live=list(dict.fromkeys(args.live)),
+        trace_knobs={
+            k: v
+            for k, v in (("repeat_p", args.repeat_p), ("paraphrase_p", args.paraphrase_p), ("zipf_s", args.zipf_s))
+            if v is not None
+        },
         progress=not args.no_progress,
     )
 
