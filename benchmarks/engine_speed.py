@@ -183,6 +183,7 @@ def _config(backend: str, model: str, speculative: str, **extra: Any) -> EngineC
         max_num_seqs=8,
         max_model_len=4096,
         start_timeout_s=900,
+        timeout_s=900,  # a shared, loaded machine can stall a step for minutes (memory pressure)
         **extra,
     )
 
@@ -288,7 +289,8 @@ async def bench_engine(
     else:
         from echo_middleware.engines.transformers import TransformersEngine
 
-        engine = TransformersEngine(_config("transformers", model, speculative))
+        # One torch thread, as vLLM's worker binds one core: OpenMP threads on shared, busy cores slow it ~10x.
+        engine = TransformersEngine(_config("transformers", model, speculative, cpu_threads=1))
     async with engine:
         row["start_s"] = time.perf_counter() - began
         row.update(await _measure(engine, max_tokens=max_tokens, runs=runs, bar=bar))
@@ -301,7 +303,8 @@ async def bench_engine(
                 f"AsyncLLM {engine.engine_args['dtype']}, enforce_eager={engine.engine_args['enforce_eager']}"  # type: ignore[attr-defined]
             )
         else:
-            row["settings"] = f"transformers {engine._dtype_name} on {engine._device}, batch size 1"  # type: ignore[attr-defined]
+            dtype, device = engine._dtype_name, engine._device  # type: ignore[attr-defined]
+            row["settings"] = f"transformers {dtype} on {device}, batch size 1, 1 torch thread"
     return row
 
 
@@ -347,10 +350,12 @@ def markdown(record: dict[str, Any]) -> str:
             f"{row['start_s']:.0f} | {row.get('same_text_as_off', '-')} | "
             f"{'-' if acceptance is None else f'{acceptance:.0%}'} |"
         )
-    lines += ["", "Per-run tokens/s (all prompts):", ""]
+    lines += ["", "Per-run tokens/s (all prompts), with the machine's 1-minute load average after each run:", ""]
     for row in rows:
         if "summary" in row:
-            lines.append(f"- {row['engine']} / {row['speculative']}: {row['summary']['all']['tok_s_runs']}")
+            loads = [round(r.get("loadavg", float("nan")), 1) for r in row.get("runs", [])]
+            rates = row["summary"]["all"]["tok_s_runs"]
+            lines.append(f"- {row['engine']} / {row['speculative']}: {rates}, load {loads}")
     lines += ["", "Settings:", ""]
     for row in rows:
         lines.append(f"- {row['engine']} / {row['speculative']}: {row.get('settings', '-')}")
@@ -367,6 +372,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed.json")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other rows of an existing --out file (re-run some rows)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -377,6 +385,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     logs = args.out.parent / "logs"
     logs.mkdir(exist_ok=True)
+    previous: dict[str, Any] = json.loads(args.out.read_text()) if args.update and args.out.is_file() else {}
     began = time.perf_counter()
     rows: list[dict[str, Any]] = []
     jobs = [(engine, spec) for engine in args.engines for spec in args.speculative]
@@ -394,21 +403,33 @@ def main() -> None:
             except Exception as exc:  # one engine failing must not lose the others' numbers
                 rows.append({"engine": engine, "speculative": spec, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"{engine}/{spec} failed: {exc}", file=sys.stderr)
-    compare_texts(rows)
+            table = write(args, rows, previous, time.perf_counter() - began)  # after every row: nothing is lost
+    print(table)
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], previous: dict[str, Any], wall_s: float) -> str:
+    """Write the JSON and Markdown results (merged with ``previous`` rows not re-run); return the table."""
+    done = {(r["engine"], r["speculative"]) for r in rows}
+    kept = [r for r in previous.get("rows", []) if (r["engine"], r["speculative"]) not in done]
+    merged = sorted(kept + rows, key=lambda r: (ENGINES.index(r["engine"]), ["off", "ngram"].index(r["speculative"])))
+    compare_texts(merged)
+    command = " ".join(["python", *sys.argv])
+    if previous.get("command"):
+        command += f" (other rows from: {previous['command']})"
     record = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": command,
         "model": args.model,
         "max_tokens": args.max_tokens,
         "runs": args.runs,
-        "wall_s": time.perf_counter() - began,
+        "wall_s": wall_s + previous.get("wall_s", 0.0),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
-        "rows": rows,
+        "rows": merged,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(record)
     args.out.with_suffix(".md").write_text(table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
