@@ -219,6 +219,26 @@ class Row:
     features: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
 
+SIGNS: dict[str, int] = {
+    "similarity": 1,
+    "exact_repeat": 1,
+    "request_coverage": 1,
+    "sim_x_entity_match": 1,
+    "response_covers_entities": 1,
+    "entity_mismatch": -1,
+    "number_mismatch": -1,
+    "negation_mismatch": -1,
+}
+"""Weights whose direction is known before any data: closeness and coverage help, a mismatch in names, numbers or
+negation hurts. A few hundred labelled pairs over correlated features can flip a trap signal; the constraint keeps
+the fit from learning that "same template, other entity" is good (see :meth:`LogisticModel.fit`)."""
+
+
+def signs_for(features: Sequence[str]) -> dict[str, int]:
+    """The sign constraints that apply to ``features``."""
+    return {f: s for f, s in SIGNS.items() if f in features}
+
+
 def cross_fit(
     x: np.ndarray, y: np.ndarray, groups: np.ndarray, features: Sequence[str], folds: int, seed: int, l2: float
 ) -> np.ndarray:
@@ -231,7 +251,7 @@ def cross_fit(
     pred = np.zeros(len(y))
     for k in range(folds):
         test = which == k
-        model = LogisticModel.fit(x[~test], y[~test], features, l2=l2)
+        model = LogisticModel.fit(x[~test], y[~test], features, l2=l2, signs=signs_for(features))
         pred[test] = model.predict(x[test])
     return pred
 
@@ -260,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--l2", type=float, default=1.0)
+    parser.add_argument("--l2", type=float, default=4.0, help="L2 penalty (4: best held-out log loss on the shipped data)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every count (0.2 for a smoke run)")
     parser.add_argument("--quick", action="store_true", help="--scale 0.2 and write nothing unless --out is given")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "echo-middleware" / "train_ranker.jsonl")
@@ -393,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     for name, feats in models.items():
-        final = LogisticModel.fit(x, y, feats, l2=args.l2)
+        final = LogisticModel.fit(x, y, feats, l2=args.l2, signs=signs_for(feats))
         calibration = []
         measured_by_kind: dict[str, list[float]] = defaultdict(list)
         for query, picked, best in selections[name]:

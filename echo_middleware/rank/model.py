@@ -12,7 +12,7 @@ burst of unusual traffic cannot drag the model far from what was trained offline
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,8 +104,45 @@ class LogisticModel:
         l2: float = 1.0,
         sample_weight: Sequence[float] | np.ndarray | None = None,
         iterations: int = 50,
+        signs: Mapping[str, int] | None = None,
     ) -> LogisticModel:
-        """Fit by Newton's method on soft labels in [0, 1] (standardised features, L2 on the weights only)."""
+        """Fit by Newton's method on soft labels in [0, 1] (standardised features, L2 on the weights only).
+
+        ``signs`` constrains weights whose direction is known (``{"entity_mismatch": -1, "similarity": +1}``).
+        With a few hundred labelled pairs and correlated features, an unconstrained fit can give a trap signal
+        the wrong sign and score "same template, other entity" above a true paraphrase. Constraints are kept by
+        an active set: a feature whose weight comes out with the wrong sign is pinned at zero and the others are
+        refitted, until every constrained weight agrees (at most one refit per constrained feature).
+        """
+        signs = dict(signs or {})
+        unknown = sorted(set(signs) - set(features))
+        if unknown or any(v not in (-1, 1) for v in signs.values()):
+            raise ValueError(f"signs must map fitted features to -1 or +1; got {signs} (unknown: {unknown})")
+        pinned: set[int] = set()
+        while True:
+            model = cls._fit(x_full, y, features, l2=l2, sample_weight=sample_weight, iterations=iterations, pinned=pinned)
+            wrong = [
+                i
+                for i, name in enumerate(model.features)
+                if i not in pinned and name in signs and model.coef[i] * signs[name] < -1e-12
+            ]
+            if not wrong:
+                return model
+            # pin the worst offender first: pinning it may fix the others
+            pinned.add(max(wrong, key=lambda i: abs(model.coef[i])))
+
+    @classmethod
+    def _fit(
+        cls,
+        x_full: np.ndarray,
+        y: Sequence[float] | np.ndarray,
+        features: Sequence[str],
+        *,
+        l2: float,
+        sample_weight: Sequence[float] | np.ndarray | None,
+        iterations: int,
+        pinned: set[int],
+    ) -> LogisticModel:
         x_full = np.atleast_2d(np.asarray(x_full, dtype=np.float64))
         target = np.clip(np.asarray(y, dtype=np.float64), 0.0, 1.0)
         if len(target) != len(x_full) or len(target) == 0:
@@ -116,6 +153,7 @@ class LogisticModel:
         scale = raw.std(axis=0)
         scale = np.where(scale > 1e-9, scale, 1.0)
         x = np.hstack([(raw - mean) / scale, np.ones((len(raw), 1))])
+        x[:, sorted(pinned)] = 0.0  # a pinned feature cannot move the fit; its L2 term keeps its weight at 0
         weight = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         theta = np.zeros(x.shape[1])
         base = float(np.clip(np.average(target, weights=weight), 1e-3, 1 - 1e-3))

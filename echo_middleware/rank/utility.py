@@ -87,6 +87,7 @@ def write_bundle(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"format": BUNDLE_FORMAT, **data}, fh, indent=1)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is package data that every user must read
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from echo_middleware.config import RankConfig
+from echo_middleware.config import RankConfig, RouteConfig
 from echo_middleware.errors import ConfigError
 from echo_middleware.rank import (
     FEATURE_NAMES,
@@ -21,6 +21,7 @@ from echo_middleware.rank import (
 )
 from echo_middleware.rank.features import CONTEXT_KEY, context_hash
 from echo_middleware.rank.utility import read_bundle, write_bundle
+from echo_middleware.route.calibration import calibrate_threshold
 from echo_middleware.types import Candidate, Example, Message
 
 
@@ -116,6 +117,21 @@ def test_logistic_fit_learns_a_soft_rule_and_roundtrips() -> None:
     assert parts["entity_mismatch"] < 0
 
 
+def test_sign_constraints_pin_a_wrong_signed_weight_and_refit_the_rest() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, size=(300, len(FEATURE_NAMES)))
+    # in this sample a mismatch goes with *better* labels: the unconstrained fit learns the wrong direction
+    y = 0.3 * x[:, col("similarity")] + 0.6 * x[:, col("entity_mismatch")]
+    feats = ("similarity", "entity_mismatch")
+    free = LogisticModel.fit(x, y, feats, l2=0.1)
+    assert free.coef[1] > 0
+    constrained = LogisticModel.fit(x, y, feats, l2=0.1, signs={"entity_mismatch": -1, "similarity": 1})
+    assert constrained.coef[1] == 0.0
+    assert constrained.coef[0] > 0  # the rest still fits
+    with pytest.raises(ValueError, match="signs"):
+        LogisticModel.fit(x, y, feats, signs={"exact_repeat": 1})
+
+
 def test_partial_fit_moves_towards_the_labels() -> None:
     model = LogisticModel(("similarity",), [0.5], [0.2], [1.0], 0.0)
     row = np.zeros((1, len(FEATURE_NAMES)))
@@ -208,3 +224,32 @@ def test_bundle_files_are_checked(tmp_path: Path) -> None:
 def test_create_ranker_by_kind() -> None:
     assert isinstance(create_ranker(RankConfig(kind="utility")), UtilityRanker)
     assert isinstance(create_ranker(RankConfig(kind="similarity")), SimilarityRanker)
+
+
+# ------------------------------------------------------------------------------------- shipped weights
+
+
+def test_the_shipped_ranker_is_trained_and_ranks_traps_below_paraphrases() -> None:
+    bundle = read_bundle(None)
+    assert bundle is not None, "echo_middleware/data/ranker.json is missing: run benchmarks/train_ranker.py"
+    assert bundle["created_by"] == "benchmarks/train_ranker.py"
+    utility = bundle["rankers"]["utility"]
+    assert tuple(utility["model"]["features"]) == FEATURE_NAMES
+    assert len(utility["calibration"]) >= 20
+    assert all(0 <= p <= 1 and 0 <= q <= 1 for p, q in utility["calibration"])
+    assert bundle["rankers"]["similarity"]["model"]["features"] == ["similarity"]
+
+    ranker = UtilityRanker()
+    assert ranker.source == ""  # weights load on first use, not at construction
+    query = RankQuery("What is the birthplace of Alison Kreviazuk?")
+    repeat = cand("What is the birthplace of Alison Kreviazuk?", "Mississauga", distance=0.0)
+    paraphrase = cand("Where was Alison Kreviazuk born?", "Alison Kreviazuk was born in Mississauga.", distance=0.12)
+    # same template, another person: closer in wording than the paraphrase, useless as a demonstration
+    trap = cand("What is the birthplace of Tomas Bermudez?", "Granada", distance=0.1)
+    order = [c.example.request for c in ranker.rank(query, [trap, paraphrase, repeat]).candidates]
+    assert order == [repeat.example.request, paraphrase.example.request, trap.example.request]
+    assert ranker.source == "echo_middleware/data/ranker.json"
+    utilities = {c.example.request: c.utility for c in ranker.rank(query, [trap, paraphrase, repeat]).candidates}
+    # at the default retention target, the shipped calibration lets the repeat through and stops the trap
+    threshold = calibrate_threshold(ranker.calibration, RouteConfig().target_retention)
+    assert utilities[trap.example.request] < threshold < utilities[repeat.example.request]
