@@ -280,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--l2", type=float, default=4.0, help="L2 penalty (4: best held-out log loss on the shipped data)")
+    parser.add_argument(
+        "--l2", type=float, default=4.0, help="L2 penalty (4: best held-out log loss on the shipped data)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every count (0.2 for a smoke run)")
     parser.add_argument("--quick", action="store_true", help="--scale 0.2 and write nothing unless --out is given")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "echo-middleware" / "train_ranker.jsonl")

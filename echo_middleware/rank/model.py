@@ -120,7 +120,9 @@ class LogisticModel:
             raise ValueError(f"signs must map fitted features to -1 or +1; got {signs} (unknown: {unknown})")
         pinned: set[int] = set()
         while True:
-            model = cls._fit(x_full, y, features, l2=l2, sample_weight=sample_weight, iterations=iterations, pinned=pinned)
+            model = cls._fit(
+                x_full, y, features, l2=l2, sample_weight=sample_weight, iterations=iterations, pinned=pinned
+            )
             wrong = [
                 i
                 for i, name in enumerate(model.features)
