@@ -2,8 +2,10 @@
 
 It builds the pipeline on embedded defaults (a local Chroma store, the bundled small and large models on the
 local engine), asks a few questions the store has never seen (the large model answers them and they become
-examples), then asks paraphrases and repeats of them: those are answered by the small model with the stored
-examples in its prompt. Each answer is printed with its decision, so you can see why it went where it went.
+examples), then asks them again word for word and in other words. A repeat is answered by the small model with
+the stored example in its prompt; a rewording goes wherever the ranker's predicted quality and the calibrated
+threshold send it (the shipped ranker was trained on short factual QA, so on coding questions it is cautious and
+keeps most rewordings on the large model). Each answer is printed with its decision, so you can see why.
 """
 
 from __future__ import annotations
@@ -64,7 +66,12 @@ def run_demo(
             f"ready in {time.monotonic() - began:.0f} s: large={pipeline.large_engine.name}, "
             f"small={pipeline.small_engine.name}\n"
         )
-        for phase, questions in (("new questions", FIRST_ASKED), ("asked again, in other words", ASKED_AGAIN)):
+        phases = (
+            ("new questions", FIRST_ASKED),
+            ("asked again, word for word", FIRST_ASKED),
+            ("asked again, in other words", ASKED_AGAIN),
+        )
+        for phase, questions in phases:
             print(f"== {phase} ==")
             for question in questions:
                 result = pipeline.generate(
