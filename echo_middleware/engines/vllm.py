@@ -556,6 +556,14 @@ class VLLMEngine(Engine):
         llm, self._llm = self._llm, None
         self._calls.clear()
         if llm is not None:
+            # vLLM cancels its output handler only after the engine core is gone; in between, the handler sees
+            # the dying core and logs an EngineDeadError traceback on every clean close. Nothing is in flight
+            # now (calls were cleared), so stop the handler first.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and not handler.done():
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await handler
             await asyncio.to_thread(llm.shutdown)
 
     async def _health(self) -> str:
