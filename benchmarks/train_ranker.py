@@ -196,9 +196,10 @@ class Generator:
 
 
 def conversation(text: str, examples: Sequence[tuple[str, str]] = ()) -> list[Message]:
-    """System prompt, examples as prior turns (best first), then the request: what the pipeline sends."""
+    """System prompt, examples (given best first) as prior turns with the best last, then the request: what the
+    pipeline sends (:func:`echo_middleware.rank.prompt.assemble_prompt`)."""
     turns = [Message(role="system", content=QA_SYSTEM)]
-    for request, response in examples:
+    for request, response in reversed(examples):
         turns += [Message(role="user", content=request), Message(role="assistant", content=response)]
     return [*turns, Message(role="user", content=text)]
 
@@ -221,6 +222,7 @@ class Row:
 
 SIGNS: dict[str, int] = {
     "similarity": 1,
+    "similarity_gap": -1,
     "exact_repeat": 1,
     "request_coverage": 1,
     "sim_x_entity_match": 1,
@@ -229,9 +231,10 @@ SIGNS: dict[str, int] = {
     "number_mismatch": -1,
     "negation_mismatch": -1,
 }
-"""Weights whose direction is known before any data: closeness and coverage help, a mismatch in names, numbers or
-negation hurts. A few hundred labelled pairs over correlated features can flip a trap signal; the constraint keeps
-the fit from learning that "same template, other entity" is good (see :meth:`LogisticModel.fit`)."""
+"""Weights whose direction is known before any data: closeness and coverage help; being farther than the nearest
+candidate, or a mismatch in names, numbers or negation, hurts. A few hundred labelled pairs over correlated features
+can flip a trap signal; the constraint keeps the fit from learning that "same template, other entity" is good (see
+:meth:`LogisticModel.fit`)."""
 
 
 def signs_for(features: Sequence[str]) -> dict[str, int]:

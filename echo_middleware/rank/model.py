@@ -39,7 +39,12 @@ def _columns(features: Sequence[str]) -> np.ndarray:
 
 @dataclass
 class LogisticModel:
-    """``p = sigmoid(((x - mean) / scale) . coef + intercept)`` over the named columns of the feature matrix."""
+    """``p = sigmoid(((x - mean) / scale) . coef + intercept)`` over the named columns of the feature matrix.
+
+    ``lower``/``upper`` (the training range of each feature, optional) clip inputs before use: a linear model
+    extrapolates without limit, and a feature far outside what it was fitted on (a 900-token RAG prompt where the
+    training requests were one-line questions) would otherwise swing the logit by more than any real signal.
+    """
 
     features: tuple[str, ...]
     mean: np.ndarray
@@ -47,6 +52,8 @@ class LogisticModel:
     coef: np.ndarray
     intercept: float
     updates: int = 0
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
     _cols: np.ndarray = field(init=False, repr=False)
     _anchor: np.ndarray = field(init=False, repr=False)
 
@@ -58,6 +65,10 @@ class LogisticModel:
         self.scale = np.where(np.asarray(self.scale, dtype=np.float64).reshape(n) > 1e-9, self.scale, 1.0)
         self.coef = np.asarray(self.coef, dtype=np.float64).reshape(n)
         self.intercept = float(self.intercept)
+        if self.lower is not None:
+            self.lower = np.asarray(self.lower, dtype=np.float64).reshape(n)
+        if self.upper is not None:
+            self.upper = np.asarray(self.upper, dtype=np.float64).reshape(n)
         self._anchor = np.concatenate([self.coef, [self.intercept]])
 
     # ------------------------------------------------------------------------------------------ use
@@ -66,7 +77,10 @@ class LogisticModel:
         x_full = np.atleast_2d(np.asarray(x_full, dtype=np.float64))
         if x_full.shape[1] != len(FEATURE_NAMES):
             raise ValueError(f"expected {len(FEATURE_NAMES)} feature columns, got {x_full.shape[1]}")
-        return (x_full[:, self._cols] - self.mean) / self.scale
+        raw = x_full[:, self._cols]
+        if self.lower is not None or self.upper is not None:
+            raw = np.clip(raw, self.lower, self.upper)
+        return (raw - self.mean) / self.scale
 
     def predict(self, x_full: np.ndarray) -> np.ndarray:
         """Probabilities for each row of a full feature matrix (columns in ``FEATURE_NAMES`` order)."""
@@ -170,7 +184,9 @@ class LogisticModel:
             theta -= step
             if float(np.abs(step).max()) < 1e-8:
                 break
-        return cls(tuple(features), mean, scale, theta[:-1], float(theta[-1]))
+        return cls(
+            tuple(features), mean, scale, theta[:-1], float(theta[-1]), lower=raw.min(axis=0), upper=raw.max(axis=0)
+        )
 
     # ---------------------------------------------------------------------------------------- save
 
@@ -183,6 +199,8 @@ class LogisticModel:
             "coef": [round(float(v), 8) for v in self.coef],
             "intercept": round(float(self.intercept), 8),
             "updates": int(self.updates),
+            **({"lower": [round(float(v), 8) for v in self.lower]} if self.lower is not None else {}),
+            **({"upper": [round(float(v), 8) for v in self.upper]} if self.upper is not None else {}),
         }
 
     @classmethod
@@ -192,10 +210,11 @@ class LogisticModel:
             features = tuple(data["features"])
             n = len(features)
             parts = {k: np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")}
+            bounds = {k: np.asarray(data[k], dtype=np.float64) for k in ("lower", "upper") if k in data}
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"ranker weights are malformed ({exc}): retrain with benchmarks/train_ranker.py") from exc
-        if any(v.shape != (n,) for v in parts.values()):
-            raise ConfigError(f"ranker weights are malformed: mean/scale/coef must each have {n} values")
+        if any(v.shape != (n,) for v in (*parts.values(), *bounds.values())):
+            raise ConfigError(f"ranker weights are malformed: mean/scale/coef/lower/upper must each have {n} values")
         return cls(
             features,
             parts["mean"],
@@ -203,6 +222,8 @@ class LogisticModel:
             parts["coef"],
             float(data["intercept"]),
             int(data.get("updates", 0)),
+            lower=bounds.get("lower"),
+            upper=bounds.get("upper"),
         )
 
 

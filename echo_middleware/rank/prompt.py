@@ -1,7 +1,10 @@
 """Choosing the examples for the small model's prompt and fitting them into its context window.
 
-Examples become prior turns of the conversation (``user``: the past request, ``assistant``: its answer), best
-first, after any system prompt and before the conversation itself. They are rendered by the small model's own
+Examples become prior turns of the conversation (``user``: the past request, ``assistant``: its answer), after any
+system prompt and before the conversation itself, with the **best example last**, right before the question: small
+models lean on the most recent turn (with an unrelated example last, SmolLM2 copies its answer), and putting the
+most similar demonstration nearest the query is also what works best for in-context examples in general (Liu et
+al., 2022, "What Makes Good In-Context Examples for GPT-3?"). They are rendered by the small model's own
 chat template (the engine applies it), so the model sees them exactly as it sees a real earlier exchange.
 
 The budget is counted with the small model's tokenizer (``engine.count_tokens``): the context window minus the
@@ -50,7 +53,7 @@ async def assemble_prompt(
     turn_overhead: int = TURN_OVERHEAD_TOKENS,
     reserve: int = TEMPLATE_RESERVE_TOKENS,
 ) -> AssembledPrompt:
-    """Put ``examples`` (best first) as prior turns before the conversation, within the engine's context window.
+    """Put ``examples`` (given best first) as prior turns, best last, before the conversation, within the budget.
 
     Args:
         messages: The request's conversation; its system messages stay first.
@@ -61,8 +64,9 @@ async def assemble_prompt(
         reserve: Template tokens counted once.
 
     Returns:
-        The messages to send and which examples made it in. When the conversation alone does not fit, no
-        example is added (the engine will report the overflow as it would without examples).
+        The messages to send and which examples made it in (``used``: best first, as given). When the
+        conversation alone does not fit, no example is added (the engine reports the overflow as it would
+        without examples).
     """
     system = [m for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
@@ -82,8 +86,7 @@ async def assemble_prompt(
             continue
         spent += cost
         used.append(cand)
-        turns.append(Message(role="user", content=ex.request))
-        turns.append(Message(role="assistant", content=ex.response))
+        turns[:0] = [Message(role="user", content=ex.request), Message(role="assistant", content=ex.response)]
     return AssembledPrompt(
         messages=[*system, *turns, *rest],
         used=used,

@@ -19,15 +19,15 @@ def engine(window: int) -> ScriptedEngine:
 CONVERSATION = [Message(role="system", content="Be brief."), Message(role="user", content="where is paris")]
 
 
-async def test_examples_become_prior_turns_best_first_after_the_system_prompt() -> None:
+async def test_examples_become_prior_turns_after_the_system_prompt_with_the_best_nearest_the_question() -> None:
     best, second = ex("capital of france", "paris"), ex("capital of spain", "madrid")
     out = await assemble_prompt(CONVERSATION, [best, second], engine(4096), max_new_tokens=16)
     assert [(m.role, m.content) for m in out.messages] == [
         ("system", "Be brief."),
-        ("user", "capital of france"),
-        ("assistant", "paris"),
         ("user", "capital of spain"),
         ("assistant", "madrid"),
+        ("user", "capital of france"),
+        ("assistant", "paris"),
         ("user", "where is paris"),
     ]
     assert out.used == [best, second]

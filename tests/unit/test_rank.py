@@ -132,6 +132,25 @@ def test_sign_constraints_pin_a_wrong_signed_weight_and_refit_the_rest() -> None
         LogisticModel.fit(x, y, feats, signs={"exact_repeat": 1})
 
 
+def test_inputs_outside_the_training_range_are_clipped_to_it() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, size=(300, len(FEATURE_NAMES)))
+    x[:, col("request_length")] *= 0.6  # training requests are short
+    y = 0.2 + 0.6 * x[:, col("request_length")]
+    model = LogisticModel.fit(x, y, ("similarity", "request_length"), l2=0.1)
+    assert model.upper is not None
+    assert model.upper[1] == pytest.approx(x[:, col("request_length")].max())
+    seen, far = np.zeros((2, len(FEATURE_NAMES)))
+    seen[col("request_length")] = model.upper[1]
+    far[col("request_length")] = 5.0  # a long RAG prompt: far outside what the model was fitted on
+    assert model.predict(far)[0] == pytest.approx(model.predict(seen)[0])
+    again = LogisticModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.predict(far)[0] == pytest.approx(model.predict(far)[0], abs=1e-6)
+    # a bundle without bounds (older files) still loads and extrapolates as before
+    bare = {k: v for k, v in model.to_dict().items() if k not in ("lower", "upper")}
+    assert LogisticModel.from_dict(bare).predict(far)[0] > model.predict(far)[0]
+
+
 def test_partial_fit_moves_towards_the_labels() -> None:
     model = LogisticModel(("similarity",), [0.5], [0.2], [1.0], 0.0)
     row = np.zeros((1, len(FEATURE_NAMES)))
