@@ -130,8 +130,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "qwen2.5-coder-1.5b-instruct",
 )
 """What ``echo-middleware models fetch`` with no names materialises: the embedder, the small and large model."""
-TEST_MODELS: tuple[str, ...] = ("all-minilm-l6-v2", "smollm2-135m-instruct")
-"""The smallest real models, used by the test suite."""
+TEST_MODELS: tuple[str, ...] = ("all-minilm-l6-v2", "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+"""The smallest real models, used by the test suite: the embedder, SmolLM2-135M for everything that needs a chat
+model, and Qwen2.5-Coder-0.5B for tool calls and structured output (SmolLM2 cannot emit well-formed tool calls)."""
 
 
 class ModelStatus(BaseModel):

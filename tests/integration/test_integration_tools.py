@@ -34,7 +34,7 @@ def pipeline(
     try:
         model_path(QWEN)
     except ModelNotFound as exc:
-        pytest.skip(f"{exc} (make test fetches it)")
+        pytest.skip(f"{exc} (`make test` fetches it: echo-middleware models fetch --test-models)")
     built = EchoPipeline.from_defaults(
         large={"backend": "transformers", "model": QWEN, "dtype": "float32"},
         small={"backend": "transformers", "model": "smollm2-135m-instruct"},
