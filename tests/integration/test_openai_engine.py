@@ -272,7 +272,9 @@ async def test_priority_reaches_the_server(engine: OpenAIEngine) -> None:
             if delta.text and name not in first_token:
                 first_token.append(name)
 
-    blockers = [asyncio.create_task(run(f"blocker-{i}", 5, 150)) for i in range(SLOTS)]
+    # Blockers long enough that none can finish while the test waits for the queue (n-gram speculation makes
+    # counting fast, and a loaded CI machine makes the polling slow); they are cancelled once high is served.
+    blockers = [asyncio.create_task(run(f"blocker-{i}", 5, 1500)) for i in range(SLOTS)]
     try:
         for _ in range(600):
             if all(f"blocker-{i}" in first_token for i in range(SLOTS)):

@@ -176,7 +176,9 @@ async def test_temperature_and_seed_reach_the_sampler(engine: Any) -> None:
         sampled.append(await engine.generate(_chat("Tell me a story.").model_copy(update={"params": params})))
     assert sampled[0].text != sampled[1].text  # different seeds draw different tokens
     assert greedy.text not in (sampled[0].text, sampled[1].text)
-    assert all(s.usage.completion_tokens == 24 for s in sampled)
+    # a sampled story may end early on end-of-sequence; it never runs past the limit
+    assert all(0 < s.usage.completion_tokens <= 24 for s in sampled)
+    assert all(s.finish_reason in ("length", "stop") for s in sampled)
 
 
 async def test_ngram_speculation_proposes_and_gets_accepted_on_copying_answers(engine: Any) -> None:
