@@ -22,7 +22,9 @@ What it does (``docs/architecture.md`` explains why):
    baseline), and report held-out metrics by 5-fold cross-fitting grouped by query.
 6. **Calibration pairs**: with cross-fitted utilities, each query's selected examples (utility >=
    ``rank.min_utility``, at most ``rank.max_examples``) are put together in the small model's prompt; (best
-   utility, measured agreement) is one held-out pair. The policy calibrates its threshold on these pairs at start.
+   utility, measured agreement) is one held-out pair. A query with nothing selected gives (best utility, its best
+   candidate's label): it is never offloaded, but retention is a share of all requests, so it counts in the
+   denominator. The policy calibrates its threshold on these pairs at start.
 
 Run (about 1.5 hours on two busy cores, far less on free ones; the cache makes reruns instant)::
 
@@ -432,6 +434,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measured = agreement(answer, query_answers[query.id], question=query.text)
             calibration.append((round(best, 6), round(float(measured), 6)))
             measured_by_kind[query.kind].append(measured)
+        # Retention is a share of *all* requests (route/calibration.py): a query with no usable example is answered
+        # by the large model at any threshold, so it belongs in the denominator too. Its pair is its best
+        # cross-fitted utility (below rank.min_utility, so never offloaded) and what its best candidate measured.
+        selected = {query.id for query, _, _ in selections[name]}
+        for idx in by_query.values():
+            if rows[idx[0]].query.id not in selected:
+                best_i = max(idx, key=lambda i: (oof[name][i], -rows[i].distance))
+                calibration.append((round(float(oof[name][best_i]), 6), round(float(rows[best_i].label), 6)))
         top1 = []
         for idx in by_query.values():
             best_i = max(idx, key=lambda i: (oof[name][i], -rows[i].distance))
@@ -443,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "log_loss": log_loss(oof[name], y),
             "mean_label_of_top_ranked": float(np.mean(top1)),
             "queries_with_selected_examples": len(selections[name]),
-            "mean_agreement_of_selected": float(np.mean([q for _, q in calibration])) if calibration else None,
+            "mean_agreement_of_selected": (
+                float(np.mean([q for _, q in calibration[: len(selections[name])]])) if selections[name] else None
+            ),
         }
         report[name] = metrics
         bundle_rankers[name] = {"model": final.to_dict(), "calibration": calibration, "metrics": metrics}

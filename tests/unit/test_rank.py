@@ -255,6 +255,8 @@ def test_the_shipped_ranker_is_trained_and_ranks_traps_below_paraphrases() -> No
     utility = bundle["rankers"]["utility"]
     assert tuple(utility["model"]["features"]) == FEATURE_NAMES
     assert len(utility["calibration"]) >= 20
+    # retention is a share of all held-out requests: every query has a pair, offloadable or not
+    assert len(utility["calibration"]) == utility["metrics"]["queries"]
     assert all(0 <= p <= 1 and 0 <= q <= 1 for p, q in utility["calibration"])
     assert bundle["rankers"]["similarity"]["model"]["features"] == ["similarity"]
 
