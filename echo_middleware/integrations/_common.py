@@ -356,6 +356,40 @@ class CallOptions:
             raise ConfigError(format_validation_error(exc)) from exc
 
 
+def check_pipeline_fields(
+    *, pipeline: Any, settings: Any, large: Any, small: Any, large_types: tuple[type, ...], framework: str, example: str
+) -> EchoSettings | None:
+    """Validate an adapter's ``pipeline`` / ``settings`` / ``large`` / ``small`` fields; return the settings.
+
+    Both front doors take the same four fields, so the rules (and their messages, which name the field and the fix)
+    live here once. ``large_types`` are the framework's model classes that may be the large model, ``framework`` and
+    ``example`` name them in the error (e.g. "LangChain chat model", "ChatOpenAI(...)").
+
+    Raises:
+        ValueError: A field is wrong (pydantic turns it into a ValidationError naming the field).
+    """
+    from echo_middleware.config import EchoSettings, build_settings
+
+    if pipeline is not None and (settings is not None or large is not None or small is not None):
+        raise ValueError(
+            "pass either pipeline= (a shared EchoPipeline) or settings=/large=/small= (to build one), not both"
+        )
+    if pipeline is not None and not (hasattr(pipeline, "agenerate") and hasattr(pipeline, "astream")):
+        raise ValueError(f"pipeline={type(pipeline).__name__} is not an EchoPipeline")
+    if large is not None and not isinstance(large, (*large_types, Engine)):
+        raise ValueError(
+            f"large={type(large).__name__} is neither a {framework} nor an echo Engine: pass e.g. "
+            f"{example} or create_engine(EngineConfig(...))"
+        )
+    if small is not None and not isinstance(small, Engine):
+        raise ValueError(f"small={type(small).__name__} is not an echo Engine: pass create_engine(...)")
+    if isinstance(settings, Mapping):
+        return build_settings(**settings)
+    if settings is not None and not isinstance(settings, EchoSettings):
+        raise ValueError(f"settings={type(settings).__name__} is not EchoSettings or a dict")
+    return settings
+
+
 def coerce_slo(value: Any, where: str) -> SLO | None:
     """An :class:`SLO` from an SLO, a dict, or None; anything else is a ConfigError naming ``where``."""
     if value is None or isinstance(value, SLO):

@@ -57,7 +57,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -87,8 +87,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from echo_middleware.config import EchoSettings, build_settings
-from echo_middleware.engines.base import Engine
+from echo_middleware.config import build_settings
 from echo_middleware.errors import ConfigError
 from echo_middleware.integrations._common import (
     CallOptions,
@@ -96,6 +95,7 @@ from echo_middleware.integrations._common import (
     PipelineHandle,
     ToolCall,
     WrappedModelEngine,
+    check_pipeline_fields,
     coerce_arguments,
     configured_copy,
     merge_call_options,
@@ -346,27 +346,15 @@ class _EchoFields(BaseModel):
 
     @model_validator(mode="after")
     def _check_echo_fields(self) -> _EchoFields:
-        if self.pipeline is not None and (
-            self.settings is not None or self.large is not None or self.small is not None
-        ):
-            raise ValueError(
-                "pass either pipeline= (a shared EchoPipeline) or settings=/large=/small= (to build one), not both"
-            )
-        if self.pipeline is not None and not (
-            hasattr(self.pipeline, "agenerate") and hasattr(self.pipeline, "astream")
-        ):
-            raise ValueError(f"pipeline={type(self.pipeline).__name__} is not an EchoPipeline")
-        if self.large is not None and not isinstance(self.large, BaseChatModel | Engine):
-            raise ValueError(
-                f"large={type(self.large).__name__} is neither a LangChain chat model nor an echo Engine: pass e.g. "
-                "ChatOpenAI(...) or create_engine(EngineConfig(...))"
-            )
-        if self.small is not None and not isinstance(self.small, Engine):
-            raise ValueError(f"small={type(self.small).__name__} is not an echo Engine: pass create_engine(...)")
-        if isinstance(self.settings, Mapping):
-            self.settings = build_settings(**self.settings)
-        elif self.settings is not None and not isinstance(self.settings, EchoSettings):
-            raise ValueError(f"settings={type(self.settings).__name__} is not EchoSettings or a dict")
+        self.settings = check_pipeline_fields(
+            pipeline=self.pipeline,
+            settings=self.settings,
+            large=self.large,
+            small=self.small,
+            large_types=(BaseChatModel,),
+            framework="LangChain chat model",
+            example="ChatOpenAI(...)",
+        )
         return self
 
     def _attach_handle(self) -> None:
@@ -434,10 +422,19 @@ class _EchoFields(BaseModel):
         return params
 
     @classmethod
-    def _split_overrides(cls, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Split ``from_defaults`` kwargs into this model's fields and settings overrides."""
+    def _from_overrides(cls, overrides: dict[str, Any]) -> Self:
+        """``from_defaults``: kwargs split into this model's fields and settings overrides (built into settings)."""
         names = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-        return split_overrides(overrides, names)
+        own, settings = split_overrides(overrides, names)
+        if settings:
+            own["settings"] = build_settings(**settings)
+        return cls(**own)
+
+    def _base_identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            **{k: v for k, v in self._call_defaults().items() if v is not None and k != "slo"},
+        }
 
     def close(self) -> None:
         """Close the pipeline this model built (engines, store); a shared ``pipeline=`` is left open."""
@@ -481,10 +478,7 @@ class EchoChatModel(_EchoFields, BaseChatModel):
         ``large`` / ``small`` given as dicts are settings sections (``small={"model": "..."}``).
         ``ECHO_*`` environment variables apply as usual.
         """
-        own, settings = cls._split_overrides(overrides)
-        if settings:
-            own["settings"] = build_settings(**settings)
-        return cls(**own)
+        return cls._from_overrides(overrides)
 
     @property
     def _llm_type(self) -> str:
@@ -492,11 +486,8 @@ class EchoChatModel(_EchoFields, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "large": None if self.large is None else getattr(self.large, "name", type(self.large).__name__),
-            **{k: v for k, v in self._call_defaults().items() if v is not None and k != "slo"},
-        }
+        large = None if self.large is None else getattr(self.large, "name", type(self.large).__name__)
+        return {**self._base_identifying_params(), "large": large}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("chat", stop, kwargs)
@@ -765,10 +756,7 @@ class EchoLLM(_EchoFields, BaseLLM):
     @classmethod
     def from_defaults(cls, **overrides: Any) -> EchoLLM:
         """A model on the bundled defaults; kwargs as in :meth:`EchoChatModel.from_defaults`."""
-        own, settings = cls._split_overrides(overrides)
-        if settings:
-            own["settings"] = build_settings(**settings)
-        return cls(**own)
+        return cls._from_overrides(overrides)
 
     @property
     def _llm_type(self) -> str:
@@ -776,10 +764,7 @@ class EchoLLM(_EchoFields, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            **{k: v for k, v in self._call_defaults().items() if v is not None and k != "slo"},
-        }
+        return self._base_identifying_params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("llm", stop, kwargs)

@@ -89,14 +89,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "echo_middleware.integrations.llama_index needs llama-index-core: pip install 'echo-middleware[llama-index]'"
     ) from exc
 
-from echo_middleware.config import EchoSettings, EmbedConfig, build_settings
-from echo_middleware.engines.base import Engine
+from echo_middleware.config import EmbedConfig, build_settings
 from echo_middleware.errors import ConfigError
 from echo_middleware.integrations._common import (
     CallOptions,
     Piece,
     PipelineHandle,
     WrappedModelEngine,
+    check_pipeline_fields,
     coerce_arguments,
     configured_copy,
     merge_call_options,
@@ -367,27 +367,15 @@ class EchoLLM(FunctionCallingLLM):
 
     @model_validator(mode="after")
     def _check_echo_fields(self) -> EchoLLM:
-        if self.pipeline is not None and (
-            self.settings is not None or self.large is not None or self.small is not None
-        ):
-            raise ValueError(
-                "pass either pipeline= (a shared EchoPipeline) or settings=/large=/small= (to build one), not both"
-            )
-        if self.pipeline is not None and not (
-            hasattr(self.pipeline, "agenerate") and hasattr(self.pipeline, "astream")
-        ):
-            raise ValueError(f"pipeline={type(self.pipeline).__name__} is not an EchoPipeline")
-        if self.large is not None and not isinstance(self.large, LLM | Engine):
-            raise ValueError(
-                f"large={type(self.large).__name__} is neither a LlamaIndex LLM nor an echo Engine: pass e.g. "
-                "OpenAI(...) or create_engine(EngineConfig(...))"
-            )
-        if self.small is not None and not isinstance(self.small, Engine):
-            raise ValueError(f"small={type(self.small).__name__} is not an echo Engine: pass create_engine(...)")
-        if isinstance(self.settings, Mapping):
-            self.settings = build_settings(**self.settings)
-        elif self.settings is not None and not isinstance(self.settings, EchoSettings):
-            raise ValueError(f"settings={type(self.settings).__name__} is not EchoSettings or a dict")
+        self.settings = check_pipeline_fields(
+            pipeline=self.pipeline,
+            settings=self.settings,
+            large=self.large,
+            small=self.small,
+            large_types=(LLM,),
+            framework="LlamaIndex LLM",
+            example="OpenAI(...)",
+        )
         return self
 
     @classmethod
