@@ -100,7 +100,7 @@ class BenchConfig:
     small: str = "qwen2.5-coder-0.5b-instruct"
     backend: str = "transformers"
     dtype: str = "auto"
-    speculative: str = "ngram"
+    speculative: str = "auto"
     sizes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     max_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
     seed: int = 0
@@ -164,6 +164,17 @@ async def start_engines(config: BenchConfig, speculative: str, label: str) -> En
     await small.start()
     logger.info("engines %s started in %.0f s", label, time.monotonic() - began)
     return EngineSet(MeteredEngine(large, "large"), MeteredEngine(small, "small"), label=label)
+
+
+def _speculates(engines: EngineSet) -> bool:
+    """Whether either default engine runs speculative decoding (``auto`` leaves it off for transformers on CPU;
+    then ``echo-nospec`` is ``echo`` on the same engines and needs no second pair)."""
+    return any(
+        status.enabled
+        for engine in (engines.large.inner, engines.small.inner)
+        for key, status in engine.features.items()
+        if key.startswith("speculative")
+    )
 
 
 async def close_engines(engines: EngineSet) -> None:
@@ -646,7 +657,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
     judge_stats: dict[str, int] = {}
     try:
         engine_sets["default"] = await start_engines(config, config.speculative, "default")
-        if "echo-nospec" in names and config.speculative != "off":
+        if "echo-nospec" in names and _speculates(engine_sets["default"]):
             engine_sets["nospec"] = await start_engines(config, "off", "nospec")
         features = {label: engine_features(engines) for label, engines in engine_sets.items()}
         default = engine_sets["default"]

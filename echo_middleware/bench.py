@@ -50,7 +50,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument(
-        "--speculative", default="ngram", choices=["off", "ngram"], help="speculation of the default engines"
+        "--speculative",
+        default="auto",
+        choices=["auto", "off", "ngram"],
+        help="speculation of the default engines (auto: as shipped, off for transformers on CPU)",
     )
     parser.add_argument(
         "--size",

@@ -25,7 +25,7 @@ APP_NAME = "echo-middleware"
 
 EngineBackend = Literal["auto", "vllm", "openai", "transformers"]
 """``auto`` picks in-process vLLM when it is installed, else transformers."""
-SpeculativeMethod = Literal["off", "ngram", "draft"]
+SpeculativeMethod = Literal["auto", "off", "ngram", "draft"]
 RankerKind = Literal["utility", "similarity"]
 """``utility``: the learned proxy ranker; ``similarity``: nearest neighbours first (the baseline)."""
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -57,11 +57,26 @@ class SpeculativeOptions(_Section):
     what in-context examples make likely; a draft model (the 0.5B for the 1.5B) helps on free text.
     """
 
-    method: SpeculativeMethod = Field("ngram", description="off, ngram (prompt lookup) or draft (a draft model).")
+    method: SpeculativeMethod = Field(
+        "auto",
+        description="auto (n-gram prompt lookup, but off for the transformers backend on CPU, where it is slower), "
+        "off, ngram (prompt lookup) or draft (a draft model).",
+    )
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="Tokens proposed per step.")
     prompt_lookup_max: int = Field(4, ge=1, le=16, description="Longest n-gram looked up in the prompt.")
     prompt_lookup_min: int = Field(1, ge=1, le=16, description="Shortest n-gram looked up in the prompt.")
     draft_model: str | None = Field(None, description="Bundled model name or folder of the draft model.")
+
+    def effective_method(self, *, cpu_transformers: bool = False) -> Literal["off", "ngram", "draft"]:
+        """What ``method`` means on one engine: ``auto`` is n-gram prompt lookup, but off for transformers on CPU.
+
+        On a CPU, transformers' prompt lookup measured 27 % fewer tokens/s than plain decoding
+        (``benchmarks/results/engine_speed.md``), while vLLM's n-gram speculation on the same CPU measured 12 %
+        more; ``ngram`` turns it on anyway.
+        """
+        if self.method == "auto":
+            return "off" if cpu_transformers else "ngram"
+        return self.method
 
     @model_validator(mode="after")
     def _check(self) -> SpeculativeOptions:
@@ -206,6 +221,11 @@ class RouteConfig(_Section):
         description="Share of the load bias each priority class gets when it has no explicit SLO.",
     )
     calibration_window: int = Field(2000, ge=10, description="Most recent measured outcomes kept for calibration.")
+    conformal: bool = Field(
+        True,
+        description="Finite-sample guard (conformal risk control): retention on n held-out outcomes counts n/(n+1), "
+        "so the target holds on new requests, not only on the ones calibrated on.",
+    )
     min_calibration: int = Field(20, ge=1, description="Outcomes needed before a calibrated threshold is trusted.")
     default_threshold: float = Field(
         0.9, ge=0, le=1, description="Threshold while fewer than min_calibration outcomes are known."

@@ -313,9 +313,10 @@ class OpenAIEngine(Engine):
         features: dict[str, FeatureStatus] = {}
 
         spec = cfg.speculative
+        wanted = spec.effective_method()
         server_spec = None if metrics is None else bool(metrics.get("speculative"))
         for method in ("ngram", "draft"):
-            requested = spec.method == method
+            requested = wanted == method
             if server_spec is None:
                 status = FeatureStatus(
                     requested=requested,
@@ -339,7 +340,7 @@ class OpenAIEngine(Engine):
                     else f"the server speculates, but speculative.method={spec.method!r} here",
                 )
             features[f"speculative_{method}"] = status
-        if server_spec and spec.method == "off":
+        if server_spec and wanted == "off":
             features["speculative_server"] = FeatureStatus(
                 requested=False, enabled=True, detail="the server speculates (method set on the server)"
             )

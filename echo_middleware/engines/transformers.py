@@ -6,7 +6,8 @@ ordered by :attr:`EngineRequest.priority` (lower first), then by arrival, so the
 engine. What the engine turns on is reported in :attr:`Engine.features`:
 
 - ``speculative_ngram``: transformers' prompt-lookup decoding (``prompt_lookup_num_tokens``); it pays off when
-  the answer copies from the prompt (in-context examples).
+  the answer copies from the prompt (in-context examples) on a GPU. On a CPU it measured slower than plain
+  decoding, so the default ``speculative.method="auto"`` leaves it off there (``"ngram"`` forces it).
 - ``speculative_draft``: assisted generation with a draft model (``assistant_model``) sharing the tokenizer.
   Both keep greedy output the same as plain decoding *up to numerics*: verification scores several tokens in one
   forward pass, and in bfloat16 that can flip a near-tie (seen once with SmolLM2 drafting for itself after ~25
@@ -357,10 +358,18 @@ class TransformersEngine(Engine):
         self._pad_id = pad if pad is not None else (min(self._eos_ids) if self._eos_ids else None)
 
         spec = self.config.speculative
-        features["speculative_ngram"] = FeatureStatus(requested=spec.method == "ngram", enabled=False)
-        features["speculative_draft"] = FeatureStatus(requested=spec.method == "draft", enabled=False)
+        method = spec.effective_method(cpu_transformers=self._device == "cpu")
+        features["speculative_ngram"] = FeatureStatus(requested=method == "ngram", enabled=False)
+        features["speculative_draft"] = FeatureStatus(requested=method == "draft", enabled=False)
+        if spec.method == "auto" and method == "off":
+            features["speculative_ngram"] = FeatureStatus(
+                requested=False,
+                enabled=False,
+                detail="speculative.method='auto' leaves prompt lookup off for transformers on CPU, where it measured "
+                "27% fewer tokens/s (benchmarks/results/engine_speed.md); set speculative.method='ngram' to force it",
+            )
         spec_extra: dict[str, Any] = {}
-        if spec.method == "ngram":
+        if method == "ngram":
             spec_extra = {
                 "prompt_lookup_num_tokens": spec.num_speculative_tokens,
                 "max_matching_ngram_size": spec.prompt_lookup_max,
@@ -370,7 +379,7 @@ class TransformersEngine(Engine):
                 f"{spec.prompt_lookup_max} tokens (transformers has no minimum n-gram size: prompt_lookup_min is "
                 "not used); batch size 1"
             )
-        elif spec.method == "draft":
+        elif method == "draft":
             assert spec.draft_model is not None  # noqa: S101  (SpeculativeOptions validates it)
             self._assistant = self._load_draft(spec.draft_model, dtype, AutoModelForCausalLM, AutoTokenizer)
             self._assistant.generation_config.num_assistant_tokens = spec.num_speculative_tokens
@@ -379,8 +388,8 @@ class TransformersEngine(Engine):
                 f"assisted generation with {spec.draft_model}: up to {spec.num_speculative_tokens} draft tokens per "
                 "step (fewer when the draft is unsure); batch size 1"
             )
-        if spec.method != "off":
-            feature = "speculative_ngram" if spec.method == "ngram" else "speculative_draft"
+        if method != "off":
+            feature = "speculative_ngram" if method == "ngram" else "speculative_draft"
             error = self._try_generate(spec_extra)
             if error is None:
                 features[feature] = FeatureStatus(requested=True, enabled=True, detail=detail)
@@ -499,6 +508,11 @@ class TransformersEngine(Engine):
             import torch
 
             torch.cuda.empty_cache()
+
+    @property
+    def device(self) -> str:
+        """``cuda`` or ``cpu``: where the model runs (known after :meth:`start`)."""
+        return self._device
 
     async def _health(self) -> str:
         if self._model is None:

@@ -437,21 +437,22 @@ class VLLMEngine(Engine):
                 optional.append(("kv_cache_dtype", "kv_cache_quantized"))
 
         spec = cfg.speculative
-        if spec.method == "ngram":
+        method = spec.effective_method()
+        if method == "ngram":
             args["speculative_config"] = {
                 "method": "ngram",
                 "num_speculative_tokens": spec.num_speculative_tokens,
                 "prompt_lookup_max": spec.prompt_lookup_max,
                 "prompt_lookup_min": spec.prompt_lookup_min,
             }
-        elif spec.method == "draft":
+        elif method == "draft":
             assert spec.draft_model is not None  # noqa: S101  (SpeculativeOptions validates it)
             args["speculative_config"] = {
                 "model": str(model_path(spec.draft_model, self._models_dir)),
                 "num_speculative_tokens": spec.num_speculative_tokens,
             }
-        if spec.method != "off":
-            optional.append(("speculative_config", f"speculative_{spec.method}"))
+        if method != "off":
+            optional.append(("speculative_config", f"speculative_{method}"))
         if cfg.enable_prefix_caching:
             optional.append(("enable_prefix_caching", "prefix_caching"))
 
@@ -509,7 +510,7 @@ class VLLMEngine(Engine):
         tokens = getattr(spec_cfg, "num_speculative_tokens", None)
         for kind in ("ngram", "draft"):
             key = f"speculative_{kind}"
-            requested = cfg.speculative.method == kind
+            requested = cfg.speculative.effective_method() == kind
             running = method == "ngram" if kind == "ngram" else method not in (None, "ngram")
             if running:
                 detail = (

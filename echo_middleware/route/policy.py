@@ -98,10 +98,11 @@ class OffloadPolicy:
         n = len(self.calibrator)
         if n < cfg.min_calibration:
             return cfg.default_threshold, f"default: only {n} outcomes known (< route.min_calibration)"
-        value = self.calibrator.threshold(cfg.target_retention)
+        value = self.calibrator.threshold(cfg.target_retention, conformal=cfg.conformal)
         if value >= NO_OFFLOAD:
             return NO_OFFLOAD, f"no threshold keeps {cfg.target_retention:.0%} retention on {n} outcomes"
-        return value, f"calibrated for {cfg.target_retention:.0%} retention on {n} outcomes"
+        guard = ", conformal" if cfg.conformal else ""
+        return value, f"calibrated for {cfg.target_retention:.0%} retention on {n} outcomes{guard}"
 
     def load_bias(self, request: EchoRequest, load: EngineLoad | None) -> tuple[float, str]:
         """How much to lower the bar for this request given the large engine's load, and why.

@@ -16,7 +16,16 @@ def test_defaults_are_valid() -> None:
     assert settings.large.model == "qwen2.5-coder-1.5b-instruct"
     assert settings.small.model == "qwen2.5-coder-0.5b-instruct"
     assert settings.large.backend == "auto"
-    assert settings.large.speculative.method == "ngram"
+    assert settings.large.speculative.method == "auto"
+
+
+def test_auto_speculation_is_ngram_except_transformers_on_cpu() -> None:
+    auto = build_settings().large.speculative
+    assert auto.effective_method() == "ngram"
+    assert auto.effective_method(cpu_transformers=True) == "off"
+    forced = build_settings(large={"speculative": {"method": "ngram"}}).large.speculative
+    assert forced.effective_method(cpu_transformers=True) == "ngram"
+    assert build_settings(large={"speculative": {"method": "off"}}).large.speculative.effective_method() == "off"
 
 
 def test_config_error_is_a_value_error() -> None:

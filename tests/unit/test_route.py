@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from echo_middleware.config import RouteConfig
@@ -33,14 +34,47 @@ def test_retention_curve_counts_what_each_threshold_loses() -> None:
 
 
 def test_calibrated_threshold_is_the_lowest_that_keeps_the_target() -> None:
-    assert calibrate_threshold(PAIRS, 1.0) == 0.9
-    assert calibrate_threshold(PAIRS, 0.9) == 0.7  # 0.917 retained at 0.7 and above
-    assert calibrate_threshold(PAIRS, 0.5) == 0.5
+    assert calibrate_threshold(PAIRS, 1.0, conformal=False) == 0.9
+    assert calibrate_threshold(PAIRS, 0.9, conformal=False) == 0.7  # 0.917 retained at 0.7 and above
+    assert calibrate_threshold(PAIRS, 0.5, conformal=False) == 0.5
     # a lucky tail does not count: 0.7 keeps 0.917, but 0.8 (higher) keeps the same, so 0.7 is fine; with a bad
     # early outcome the lower thresholds are refused even if retention recovers later
     dip = [(0.9, 0.0), (0.8, 1.0), (0.7, 1.0), (0.6, 1.0)]
-    assert calibrate_threshold(dip, 0.8) == NO_OFFLOAD
+    assert calibrate_threshold(dip, 0.8, conformal=False) == NO_OFFLOAD
     assert calibrate_threshold([], 0.9) == NO_OFFLOAD
+
+
+def test_conformal_guard_counts_n_pairs_as_n_over_n_plus_1() -> None:
+    # 6 pairs: retention 0.917 at 0.7 counts 0.917 * 6/7 = 0.786, so 0.9 now needs the 0.8 threshold (0.857)
+    assert calibrate_threshold(PAIRS, 0.85) == 0.9
+    assert calibrate_threshold(PAIRS, 0.85, conformal=False) == 0.7
+    assert calibrate_threshold(PAIRS, 1.0) == NO_OFFLOAD  # n/(n+1) < 1: perfection is never promised
+    # with flawless outcomes, 97% needs 1/0.03 - 1 = 32.3 of them: 32 are not enough, 33 are
+    assert calibrate_threshold([(0.9, 1.0)] * 32, 0.97) == NO_OFFLOAD
+    assert calibrate_threshold([(0.9, 1.0)] * 33, 0.97) == 0.9
+
+
+def test_conformal_guard_keeps_the_target_on_new_requests() -> None:
+    """Calibrate on 85 pairs, judge on fresh ones from the same distribution: the guarded threshold keeps the
+    target in expectation; the plain one, fitted to its own sample, keeps less (what echo_bench measured)."""
+    rng = np.random.default_rng(0)
+    target = 0.97
+
+    def draw(n: int) -> np.ndarray:
+        p = rng.uniform(0.3, 1.0, n)  # predicted quality
+        q = (rng.uniform(size=n) < p**2).astype(float)  # measured: success likelier at high p, but not calibrated
+        return np.column_stack([p, q])
+
+    kept: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(300):
+        train, fresh = draw(85), draw(4000)
+        for conformal in (True, False):
+            t = calibrate_threshold([tuple(r) for r in train], target, conformal=conformal)
+            lost = ((1 - fresh[:, 1]) * (fresh[:, 0] >= t)).sum()
+            kept[conformal].append(1 - lost / len(fresh))
+    assert np.mean(kept[True]) >= target
+    assert np.mean(kept[False]) < target  # the optimism the guard removes (0.970 vs 0.980 with this seed)
+    assert np.mean(kept[False]) < np.mean(kept[True]) - 0.005
 
 
 def test_ties_share_one_threshold() -> None:
@@ -52,11 +86,12 @@ def test_ties_share_one_threshold() -> None:
 
 def test_calibrator_window_and_cache() -> None:
     cal = Calibrator(PAIRS, window=6)
-    assert cal.threshold(1.0) == 0.9
+    assert cal.threshold(1.0, conformal=False) == 0.9
+    assert cal.threshold(0.85) == 0.9  # guarded (see above); cached apart from the plain one
     cal.observe(0.99, 0.0)  # a confident failure pushes the oldest pair out and raises the bar
     assert len(cal) == 6
     assert cal.observed == 1
-    assert cal.threshold(1.0) == NO_OFFLOAD
+    assert cal.threshold(1.0, conformal=False) == NO_OFFLOAD
     assert (0.99, 0.0) in cal.pairs()
 
 
@@ -78,7 +113,7 @@ def test_fixed_threshold_decides_and_explains() -> None:
 
 
 def test_calibrated_threshold_comes_from_the_attached_pairs() -> None:
-    policy = OffloadPolicy(RouteConfig(target_retention=0.9, min_calibration=3))
+    policy = OffloadPolicy(RouteConfig(target_retention=0.9, min_calibration=3, conformal=False))
     assert policy.threshold()[0] == RouteConfig().default_threshold  # nothing known yet
     policy.attach_calibration(PAIRS)
     value, source = policy.threshold()
