@@ -263,35 +263,54 @@ async def test_consumer_leaving_aborts_on_the_server(engine: OpenAIEngine) -> No
     assert engine.in_flight() == []
 
 
-async def test_priority_reaches_the_server(engine: OpenAIEngine) -> None:
-    """Fill the server's slots, queue a low-priority request, then a high-priority one: high is served first."""
+async def _fill_a_slot(base_url: str) -> None:
+    """Hold one of the server's slots until cancelled: a raw streamed completion that cannot end early.
+
+    ``ignore_eos`` (a vLLM extension) keeps SmolLM2 from finishing its count before the test is done; cancelling
+    the task closes the stream and the server aborts the request.
+    """
+    body = {"model": MODEL, "prompt": COUNTING, "max_tokens": 1900, "ignore_eos": True, "priority": 5, "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=600) as client,
+        client.stream("POST", f"{base_url}/completions", json=body) as resp,
+    ):
+        resp.raise_for_status()
+        async for _line in resp.aiter_lines():
+            pass
+
+
+async def test_priority_reaches_the_server(engine: OpenAIEngine, vllm_server: str) -> None:
+    """Fill the server's slots, queue a low-priority request and then a high-priority one, free one slot: the
+    server gives it to the high-priority request (first come, first served would give it to the low one).
+
+    vLLM does not preempt a running request to make room under ``--max-num-seqs``; a waiting request gets the next
+    free slot, in priority order. So the slots are held by requests that cannot end on their own, and exactly one
+    is released.
+    """
     first_token: list[str] = []
 
-    async def run(name: str, priority: int, max_tokens: int) -> None:
-        async for delta in engine.stream(_counting(max_tokens=max_tokens, request_id=name, priority=priority)):
+    async def run(name: str, priority: int) -> None:
+        async for delta in engine.stream(_counting(max_tokens=4, request_id=name, priority=priority)):
             if delta.text and name not in first_token:
                 first_token.append(name)
 
-    # Blockers long enough that none can finish while the test waits for the queue (n-gram speculation makes
-    # counting fast, and a loaded CI machine makes the polling slow); they are cancelled once high is served.
-    blockers = [asyncio.create_task(run(f"blocker-{i}", 5, 1500)) for i in range(SLOTS)]
+    blockers = [asyncio.create_task(_fill_a_slot(vllm_server)) for _ in range(SLOTS)]
     try:
-        for _ in range(600):
-            if all(f"blocker-{i}" in first_token for i in range(SLOTS)):
-                break
-            await asyncio.sleep(0.05)
-        low = asyncio.create_task(run("low", 10, 4))
-        await _until_gauge(engine, "num_requests_waiting", 1.0)
-        high = asyncio.create_task(run("high", -10, 4))
+        await _until_gauge(engine, "num_requests_running", float(SLOTS), tries=3000)
+        low = asyncio.create_task(run("low", 10))
+        await _until_gauge(engine, "num_requests_waiting", 1.0, tries=3000)
+        high = asyncio.create_task(run("high", -10))
+        await _until_gauge(engine, "num_requests_waiting", 2.0, tries=3000)
+        assert first_token == [], "a request ran at once: the server's slots were not full"
+        blockers[0].cancel()  # one slot frees; the other blockers hold theirs
+        await asyncio.gather(blockers[0], return_exceptions=True)
         await asyncio.wait_for(high, timeout=300)
-        for task in blockers:
-            task.cancel()
-        await asyncio.wait_for(low, timeout=300)
+        await asyncio.wait_for(low, timeout=300)  # high's slot frees when it is done
     finally:
         for task in blockers:
             task.cancel()
         await asyncio.gather(*blockers, return_exceptions=True)
-    assert first_token.index("high") < first_token.index("low")
+    assert first_token == ["high", "low"]
 
 
 # ------------------------------------------------------------------------------------ unreachable servers
