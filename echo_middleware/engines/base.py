@@ -251,7 +251,11 @@ class Engine(abc.ABC):
                 if budget is not None and budget <= 0:
                     raise EngineTimeout(f"{self.name}: request {request.request_id} passed its deadline")
                 try:
-                    delta = await asyncio.wait_for(iterator.__anext__(), timeout=budget)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner result when it
+                    # completes just as the caller is cancelled, losing the cancellation (gh-86296); a client that
+                    # cancels mid-stream would then wait for the whole generation.
+                    async with asyncio.timeout(budget):
+                        delta = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
