@@ -421,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for name, feats in models.items():
         final = LogisticModel.fit(x, y, feats, l2=args.l2, signs=signs_for(feats))
+        # each query's top-ranked candidate by out-of-fold utility (nearest first on ties)
+        best = {qid: max(idx, key=lambda i: (oof[name][i], -rows[i].distance)) for qid, idx in by_query.items()}
         calibration = []
         measured_by_kind: dict[str, list[float]] = defaultdict(list)
         for query, picked, best in selections[name]:
@@ -438,14 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # by the large model at any threshold, so it belongs in the denominator too. Its pair is its best
         # cross-fitted utility (below rank.min_utility, so never offloaded) and what its best candidate measured.
         selected = {query.id for query, _, _ in selections[name]}
-        for idx in by_query.values():
-            if rows[idx[0]].query.id not in selected:
-                best_i = max(idx, key=lambda i: (oof[name][i], -rows[i].distance))
+        for qid, best_i in best.items():
+            if qid not in selected:
                 calibration.append((round(float(oof[name][best_i]), 6), round(float(rows[best_i].label), 6)))
-        top1 = []
-        for idx in by_query.values():
-            best_i = max(idx, key=lambda i: (oof[name][i], -rows[i].distance))
-            top1.append(rows[best_i].label)
+        top1 = [rows[best_i].label for best_i in best.values()]
         metrics = {
             "rows": len(y),
             "queries": len(by_query),

@@ -359,15 +359,14 @@ class TransformersEngine(Engine):
 
         spec = self.config.speculative
         method = spec.effective_method(cpu_transformers=self._device == "cpu")
-        features["speculative_ngram"] = FeatureStatus(requested=method == "ngram", enabled=False)
+        auto_off = (
+            "speculative.method='auto' leaves prompt lookup off for transformers on CPU, where it measured 27% fewer "
+            "tokens/s (benchmarks/results/engine_speed.md); set speculative.method='ngram' to force it"
+        )
+        features["speculative_ngram"] = FeatureStatus(
+            requested=method == "ngram", enabled=False, detail=auto_off if spec.method == "auto" else ""
+        )
         features["speculative_draft"] = FeatureStatus(requested=method == "draft", enabled=False)
-        if spec.method == "auto" and method == "off":
-            features["speculative_ngram"] = FeatureStatus(
-                requested=False,
-                enabled=False,
-                detail="speculative.method='auto' leaves prompt lookup off for transformers on CPU, where it measured "
-                "27% fewer tokens/s (benchmarks/results/engine_speed.md); set speculative.method='ngram' to force it",
-            )
         spec_extra: dict[str, Any] = {}
         if method == "ngram":
             spec_extra = {
