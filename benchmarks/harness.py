@@ -459,11 +459,15 @@ def aggregate(
             "mean_cpu_s": mean([o.cpu_s for o in source]),
             "mean_load1": mean([o.load1 for o in source]),
         }
-        # Saturation throughput: requests per second of busy time, background learning included.
+        # Saturation throughput: requests per second of serving time. The learner's shadow checks and probes run
+        # only while an engine is idle (and are dropped past ``learn.max_pending``), so a saturated server does
+        # none of them; they are reported beside it, and the capacity as if they were charged in full.
         busy = [o.service_s for o in source]
-        total_busy = sum(busy) + entry["background_s_total"]
-        entry["capacity_rps"] = len(busy) / total_busy if total_busy > 0 else math.inf
+        entry["capacity_rps"] = capacity_rps(busy)
+        entry["capacity_rps_with_learning"] = capacity_rps(busy, extra_s=entry["background_s_total"])
+        entry["learning_share"] = _ratio(entry["background_s_total"], sum(busy) + entry["background_s_total"])
         entry["speedup_vs_large"] = _ratio(entry["capacity_rps"], large_capacity)
+        entry["speedup_vs_large_with_learning"] = _ratio(entry["capacity_rps_with_learning"], large_capacity)
         # The same from CPU seconds (this process, all threads, divided by the threads a generation uses): less
         # sensitive to other processes on a shared machine; reported beside the wall-clock figure, never instead.
         threads = _threads()

@@ -132,7 +132,10 @@ def summarize(done: Sequence[Done]) -> dict[str, float]:
     }
 
 
-def capacity_rps(service_times: Sequence[float]) -> float:
-    """Saturation throughput of one server: requests per second of busy time (all requests queued at once)."""
-    busy = sum(service_times)
+def capacity_rps(service_times: Sequence[float], *, extra_s: float = 0.0) -> float:
+    """Saturation throughput of one server: requests per second of busy time (all requests queued at once).
+
+    ``extra_s`` is other work charged to the same server (the learner's idle-time work, when it is counted).
+    """
+    busy = sum(service_times) + extra_s
     return len(service_times) / busy if busy > 0 else math.inf

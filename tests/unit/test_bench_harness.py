@@ -163,6 +163,7 @@ def test_replay_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="service_s"):
         replay.simulate([replay.Job("a", 0, -1)], "fcfs")
     assert replay.capacity_rps([1.0, 3.0]) == pytest.approx(0.5)
+    assert replay.capacity_rps([1.0, 3.0], extra_s=4.0) == pytest.approx(0.25)  # idle-time work, charged
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -231,6 +232,7 @@ def _results() -> dict:
             "offload_rate": off,
             "capacity_rps": cap,
             "speedup_vs_large": cap / 0.1,
+            "speedup_vs_large_with_learning": cap / 0.1 * 0.8,
             "large_token_share": 1 - off,
             "by_kind": {"fresh": {"quality_retention": q / 0.8, "offload_rate": off}},
             "load": {"0.8": {"rate_rps": 0.08, "throughput_rps": 0.08, "p50_latency_s": 5.0, "p90_latency_s": 9.0}},
@@ -286,6 +288,8 @@ def test_tables_render_every_system() -> None:
     full = report.render_markdown(results)
     assert "## qa" in full
     assert full.count("| `echo` |") == 4  # main, by-kind, load and README tables
+    echo_row = next(line for line in full.splitlines() if line.startswith("| `echo` | 0.78"))
+    assert "| 3.00 | 2.40 |" in echo_row  # capacity ratio, then the same with learning charged
 
 
 def test_clean_turns_nan_into_null() -> None:
