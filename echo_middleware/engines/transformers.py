@@ -293,7 +293,8 @@ class TransformersEngine(Engine):
 
     async def _start(self) -> None:
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._load), timeout=self.config.start_timeout_s)
+            async with asyncio.timeout(self.config.start_timeout_s):
+                await asyncio.to_thread(self._load)
         except TimeoutError as exc:
             raise EngineUnavailable(
                 f"{self.name}: loading {self.model} took over start_timeout_s={self.config.start_timeout_s:.0f} s; "

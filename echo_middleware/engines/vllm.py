@@ -338,7 +338,8 @@ class VLLMEngine(Engine):
             )
             remaining = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout=max(remaining, 0.0))
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    return await asyncio.shield(future)
             except TimeoutError:
                 future.add_done_callback(_shutdown_late_engine)
                 raise EngineUnavailable(

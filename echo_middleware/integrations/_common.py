@@ -226,25 +226,8 @@ class PipelineHandle:
     async def astream(self, request: EchoRequest, timeout_s: float | None = None) -> AsyncIterator[EchoChunk]:
         """Stream ``request`` (from any loop); the last chunk carries the decision and usage."""
         source = aiter_on_background(lambda: self._stream(request))
-        if timeout_s is None:
-            async for chunk in source:
-                yield chunk
-            return
-        end = asyncio.get_running_loop().time() + timeout_s
-        iterator = source.__aiter__()
-        try:
-            while True:
-                remaining = end - asyncio.get_running_loop().time()
-                try:
-                    chunk = await asyncio.wait_for(iterator.__anext__(), max(remaining, 0.0))
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise _timeout_error(request, timeout_s) from None
-                yield chunk
-        finally:
-            with contextlib.suppress(Exception):
-                await iterator.aclose()  # type: ignore[attr-defined]
+        async for chunk in _before_deadline(source, request, timeout_s):
+            yield chunk
 
     def generate(self, request: EchoRequest, timeout_s: float | None = None) -> EchoResult:
         """Answer ``request`` from sync code (also inside a running loop, e.g. Jupyter)."""
@@ -260,26 +243,7 @@ class PipelineHandle:
 
     def stream(self, request: EchoRequest, timeout_s: float | None = None) -> Iterator[EchoChunk]:
         """Stream ``request`` from sync code; closing the iterator cancels the request."""
-
-        async def timed() -> AsyncIterator[EchoChunk]:
-            loop = asyncio.get_running_loop()
-            end = None if timeout_s is None else loop.time() + timeout_s
-            iterator = self._stream(request).__aiter__()
-            try:
-                while True:
-                    budget = None if end is None else max(end - loop.time(), 0.0)
-                    try:
-                        chunk = await asyncio.wait_for(iterator.__anext__(), budget)
-                    except StopAsyncIteration:
-                        return
-                    except TimeoutError:
-                        raise _timeout_error(request, timeout_s) from None
-                    yield chunk
-            finally:
-                with contextlib.suppress(Exception):
-                    await iterator.aclose()  # type: ignore[attr-defined]
-
-        return iterate_sync(timed())
+        return iterate_sync(_before_deadline(self._stream(request), request, timeout_s))
 
     async def aclose(self) -> None:
         """Close the pipeline if this handle built it; a shared pipeline is left to its owner."""
@@ -307,9 +271,40 @@ async def _with_timeout(coro: Coroutine[Any, Any, T], timeout_s: float | None, r
     if timeout_s is None:
         return await coro
     try:
-        return await asyncio.wait_for(coro, timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can return a result that lands just as the
+        # caller is cancelled and lose the cancellation (CPython gh-86296).
+        async with asyncio.timeout(timeout_s):
+            return await coro
     except TimeoutError:
         raise _timeout_error(request, timeout_s) from None
+
+
+async def _before_deadline(
+    source: AsyncIterator[EchoChunk], request: EchoRequest, timeout_s: float | None
+) -> AsyncIterator[EchoChunk]:
+    """Pass ``source``'s chunks through until ``timeout_s`` (the whole stream's budget) runs out; always closes it.
+
+    Each step awaits the chunk directly under ``asyncio.timeout``: with ``wait_for`` a consumer cancelled at the
+    moment a chunk arrives would get the chunk instead of the cancellation on Python 3.11 (gh-86296), and the
+    stream would run on.
+    """
+    loop = asyncio.get_running_loop()
+    end = None if timeout_s is None else loop.time() + timeout_s
+    iterator = source.__aiter__()
+    try:
+        while True:
+            budget = None if end is None else max(end - loop.time(), 0.0)
+            try:
+                async with asyncio.timeout(budget):
+                    chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _timeout_error(request, timeout_s) from None
+            yield chunk
+    finally:
+        with contextlib.suppress(Exception):
+            await iterator.aclose()  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------- call options

@@ -301,7 +301,8 @@ class Learner:
             if not did:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.config.idle_poll_s)
+                    async with asyncio.timeout(self.config.idle_poll_s):
+                        await self._wake.wait()
 
     def _idle(self, engine: Engine | None, busy: Callable[[], bool]) -> bool:
         if engine is None or busy():

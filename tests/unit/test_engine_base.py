@@ -242,6 +242,24 @@ async def test_task_cancellation_aborts_the_request() -> None:
     assert engine.in_flight() == []
 
 
+async def test_cancel_that_lands_with_a_token_is_not_lost() -> None:
+    # The next token and the client's cancel arrive in the same loop tick. Python 3.11's wait_for returned the
+    # token and dropped the cancel (gh-86296), so the request ran to its end; the deadline loop must not.
+    engine = FakeEngine(timeout_s=60.0)  # a timeout, so each step is under one
+    engine.gate.clear()
+    task = asyncio.create_task(engine.generate(_req("race")))
+    await _until(lambda: "race" in engine.in_flight())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    engine.gate.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done
+    assert task.cancelled()
+    assert engine.aborted == ["race"]
+    assert engine.emitted["race"] < len(engine.words)
+
+
 async def test_load_counts_waiting_and_running() -> None:
     engine = FakeEngine()
     await engine.start()

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from echo_middleware._sync import background_loop
-from echo_middleware.errors import ConfigError
+from echo_middleware.errors import ConfigError, EngineTimeout
 from echo_middleware.integrations._common import (
     ToolCall,
+    _before_deadline,
     aiter_on_background,
     coerce_arguments,
     configured_copy,
@@ -22,7 +23,7 @@ from echo_middleware.integrations._common import (
     tools_system_prompt,
     with_tools_prompt,
 )
-from echo_middleware.types import SLO, Message, SamplingParams
+from echo_middleware.types import SLO, EchoChunk, EchoRequest, Message, SamplingParams
 
 ADD_TOOL = {
     "type": "function",
@@ -245,3 +246,65 @@ async def test_aiter_on_background_streams_raises_and_closes() -> None:
             break
     await stream.aclose()  # type: ignore[attr-defined]
     assert await asyncio.to_thread(closed.wait, 5)
+
+
+# ------------------------------------------------------------------------------------ stream deadlines
+
+
+_HI = EchoRequest(messages=[Message(role="user", content="hi")])
+
+
+class _GatedChunks:
+    """Yields a chunk each time the test opens ``gate``; records whether it was closed."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.sent = 0
+        self.closed = False
+
+    async def chunks(self) -> AsyncIterator[EchoChunk]:
+        try:
+            while True:
+                await self.gate.wait()
+                self.gate.clear()
+                self.sent += 1
+                yield EchoChunk(request_id="s1", text=f"w{self.sent} ")
+        finally:
+            self.closed = True
+
+
+async def test_stream_deadline_passes_chunks_then_times_out_and_closes() -> None:
+    source = _GatedChunks()
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in _before_deadline(source.chunks(), _HI, 0.2):
+            got.append(chunk.text)
+
+    source.gate.set()
+    with pytest.raises(EngineTimeout, match="timeout=0.2"):
+        await consume()
+    assert got == ["w1 "]
+    assert source.closed
+
+
+async def test_stream_cancel_that_lands_with_a_chunk_is_not_lost() -> None:
+    # The chunk and the consumer's cancel arrive in the same loop tick: Python 3.11's wait_for returned the chunk
+    # and dropped the cancel (gh-86296), so the stream ran on.
+    source = _GatedChunks()
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in _before_deadline(source.chunks(), _HI, 60.0):
+            got.append(chunk.text)
+
+    task = asyncio.create_task(consume())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    source.gate.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=1)
+    assert task in done
+    assert task.cancelled()
+    assert got == []
+    assert source.closed
