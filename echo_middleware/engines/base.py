@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from echo_middleware._aio import until_deadline
 from echo_middleware.errors import Cancelled, EngineError, EngineTimeout, EngineUnavailable
 from echo_middleware.types import (
     EngineHealth,
@@ -235,39 +236,23 @@ class Engine(abc.ABC):
 
     # --------------------------------------------------------------------------------- internals
 
-    async def _with_deadline(
-        self, source: AsyncIterator[StreamDelta], request: EngineRequest
-    ) -> AsyncIterator[StreamDelta]:
-        """Pass deltas through, raising EngineTimeout when the deadline or the engine's timeout passes."""
+    def _with_deadline(self, source: AsyncIterator[StreamDelta], request: EngineRequest) -> AsyncIterator[StreamDelta]:
+        """Pass deltas through, raising EngineTimeout when the deadline or the engine's timeout passes.
+
+        Closing the returned iterator closes ``source`` at once (no generator in between to wait for the GC).
+        """
         limit = self._timeout_s()
         remaining = request.remaining_s()
         if remaining is not None:
             limit = min(limit, remaining) if limit else remaining
         end = None if not limit else time.monotonic() + limit
-        iterator = source.__aiter__()
-        try:
-            while True:
-                budget = None if end is None else end - time.monotonic()
-                if budget is not None and budget <= 0:
-                    raise EngineTimeout(f"{self.name}: request {request.request_id} passed its deadline")
-                try:
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner result when it
-                    # completes just as the caller is cancelled, losing the cancellation (gh-86296); a client that
-                    # cancels mid-stream would then wait for the whole generation.
-                    async with asyncio.timeout(budget):
-                        delta = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise EngineTimeout(
-                        f"{self.name}: request {request.request_id} passed its deadline or timeout ({limit:.1f} s)"
-                    ) from None
-                yield delta
-        finally:
-            aclose: Callable[[], object] | None = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()  # type: ignore[misc]
+
+        def timeout() -> EngineTimeout:
+            return EngineTimeout(
+                f"{self.name}: request {request.request_id} passed its deadline or timeout ({limit:.1f} s)"
+            )
+
+        return until_deadline(source, end, timeout)
 
     def _timeout_s(self) -> float | None:
         """The engine's own per-request timeout; None for none."""

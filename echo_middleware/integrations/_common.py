@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
+from echo_middleware._aio import until_deadline
 from echo_middleware._sync import background_loop, iterate_sync, run_sync
 from echo_middleware.engines.base import Engine
 from echo_middleware.engines.transformers import StopTrimmer
@@ -226,8 +228,9 @@ class PipelineHandle:
     async def astream(self, request: EchoRequest, timeout_s: float | None = None) -> AsyncIterator[EchoChunk]:
         """Stream ``request`` (from any loop); the last chunk carries the decision and usage."""
         source = aiter_on_background(lambda: self._stream(request))
-        async for chunk in _before_deadline(source, request, timeout_s):
-            yield chunk
+        async with contextlib.aclosing(_before_deadline(source, request, timeout_s)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def generate(self, request: EchoRequest, timeout_s: float | None = None) -> EchoResult:
         """Answer ``request`` from sync code (also inside a running loop, e.g. Jupyter)."""
@@ -279,32 +282,12 @@ async def _with_timeout(coro: Coroutine[Any, Any, T], timeout_s: float | None, r
         raise _timeout_error(request, timeout_s) from None
 
 
-async def _before_deadline(
+def _before_deadline(
     source: AsyncIterator[EchoChunk], request: EchoRequest, timeout_s: float | None
 ) -> AsyncIterator[EchoChunk]:
-    """Pass ``source``'s chunks through until ``timeout_s`` (the whole stream's budget) runs out; always closes it.
-
-    Each step awaits the chunk directly under ``asyncio.timeout``: with ``wait_for`` a consumer cancelled at the
-    moment a chunk arrives would get the chunk instead of the cancellation on Python 3.11 (gh-86296), and the
-    stream would run on.
-    """
-    loop = asyncio.get_running_loop()
-    end = None if timeout_s is None else loop.time() + timeout_s
-    iterator = source.__aiter__()
-    try:
-        while True:
-            budget = None if end is None else max(end - loop.time(), 0.0)
-            try:
-                async with asyncio.timeout(budget):
-                    chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise _timeout_error(request, timeout_s) from None
-            yield chunk
-    finally:
-        with contextlib.suppress(Exception):
-            await iterator.aclose()  # type: ignore[attr-defined]
+    """``source``'s chunks until ``timeout_s`` (the whole stream's budget) runs out; closing it closes ``source``."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    return until_deadline(source, end, lambda: _timeout_error(request, timeout_s))
 
 
 # ---------------------------------------------------------------------------------- call options
