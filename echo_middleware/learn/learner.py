@@ -301,8 +301,7 @@ class Learner:
             if not did:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.idle_poll_s):
-                        await self._wake.wait()
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.config.idle_poll_s)
 
     def _idle(self, engine: Engine | None, busy: Callable[[], bool]) -> bool:
         if engine is None or busy():

@@ -103,7 +103,8 @@ def test_per_call_tenant_and_offload(llm: EchoLLM) -> None:
     assert first.additional_kwargs["decision"]["mode"] == "never"
     again = llm.complete("What is the capital of Italy?", tenant="li-tenant-a")
     other = llm.complete("What is the capital of Italy?", tenant="li-tenant-b")
-    assert again.additional_kwargs["decision"]["offloaded"] is True  # the same tenant has the example
+    decision = again.additional_kwargs["decision"]
+    assert decision["offloaded"] is True, decision  # the same tenant has the example
     assert again.additional_kwargs["decision"]["examples"]
     assert other.additional_kwargs["decision"]["examples"] == []  # tenants do not see each other's examples
 
