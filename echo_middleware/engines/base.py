@@ -239,7 +239,8 @@ class Engine(abc.ABC):
     def _with_deadline(self, source: AsyncIterator[StreamDelta], request: EngineRequest) -> AsyncIterator[StreamDelta]:
         """Pass deltas through, raising EngineTimeout when the deadline or the engine's timeout passes.
 
-        Closing the returned iterator closes ``source`` at once (no generator in between to wait for the GC).
+        Returns :func:`until_deadline`'s generator itself; closing it closes ``source``. (``stream`` iterates it
+        with a plain ``async for``, so on a consumer break ``source`` is closed when the generator is collected.)
         """
         limit = self._timeout_s()
         remaining = request.remaining_s()
